@@ -1,0 +1,357 @@
+"""Python entry points of the compiled row gathers.
+
+Every function takes numpy arrays or torch tensors (CPU or CUDA, all on one device), checks
+shapes, dtypes and layouts before anything runs, and hands raw addresses to the compiled module:
+``_core`` (multi-threaded C++) for host memory, ``_cuda`` for device memory, enqueued on torch's
+current stream. Outputs are allocated by the caller, so torch's allocators own them.
+
+The compiled kernels assume a structurally valid matrix (monotonic ``indptr`` that starts at 0
+and ends at ``len(indices)``). ``validate=True`` (the default) checks that here, in O(n_rows);
+callers that validated once at set-up (the loader) pass ``validate=False`` on the hot path.
+Row indices are always checked: on the CPU before the gather, on the GPU by the kernel itself,
+which never dereferences a bad row and records it for :func:`raise_if_bad_rows`.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import numpy as np
+import torch
+
+from . import _core
+from ._cuda_module import require_cuda_module
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+_TORCH_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.uint16: "uint16",
+    torch.uint8: "uint8",
+}
+_NUMPY_DTYPE_NAMES = {
+    np.dtype(np.float32): "float32",
+    np.dtype(np.float64): "float64",
+    np.dtype(np.float16): "float16",
+    np.dtype(np.int64): "int64",
+    np.dtype(np.int32): "int32",
+    np.dtype(np.uint16): "uint16",
+    np.dtype(np.uint8): "uint8",
+}
+
+VALUE_DTYPES = ("float32", "float64", "float16", "int64", "int32", "uint16", "uint8")
+OUTPUT_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32")
+COLUMN_INDEX_DTYPES = ("int32", "int64", "uint16")
+INDEX_DTYPES = ("int32", "int64")
+
+
+def dtype_name(array: ArrayLike) -> str:
+    """The dtype name the compiled module understands, or TypeError."""
+    table = _TORCH_DTYPE_NAMES if isinstance(array, torch.Tensor) else _NUMPY_DTYPE_NAMES
+    try:
+        return table[array.dtype]
+    except KeyError:
+        raise TypeError(f"unsupported dtype {array.dtype}") from None
+
+
+class _Buffer:
+    """Address, dtype name, shape, row stride and device of one argument, checked on the way in."""
+
+    __slots__ = ("address", "dtype", "shape", "row_stride", "device")
+
+    def __init__(self, array: ArrayLike, role: str, *, ndim: int, allowed: tuple[str, ...]):
+        if isinstance(array, torch.Tensor):
+            if array.is_sparse or array.layout != torch.strided:
+                raise TypeError(f"{role} must be a strided tensor, got layout {array.layout}")
+            self.device = array.device
+            self.address = array.data_ptr()
+            strides = array.stride()
+        elif isinstance(array, np.ndarray):
+            self.device = torch.device("cpu")
+            self.address = array.ctypes.data
+            strides = tuple(s // array.itemsize for s in array.strides)
+        else:
+            raise TypeError(f"{role} must be a numpy array or a torch tensor, got {type(array).__name__}")
+        if array.ndim != ndim:
+            raise ValueError(f"{role} must be {ndim}-D, got shape {tuple(array.shape)}")
+        try:
+            self.dtype = dtype_name(array)
+        except TypeError:
+            raise TypeError(f"{role} has dtype {array.dtype}; expected one of {', '.join(allowed)}") from None
+        if self.dtype not in allowed:
+            raise TypeError(f"{role} has dtype {array.dtype}; expected one of {', '.join(allowed)}")
+        self.shape = tuple(int(s) for s in array.shape)
+        # Columns (or the single dimension) must be contiguous; dense sources may skip rows.
+        if self.shape[-1] > 1 and strides[-1] != 1:
+            raise ValueError(f"{role} must be contiguous along its last dimension (strides {strides})")
+        self.row_stride = int(strides[0]) if ndim == 2 else 1
+        if ndim == 2 and self.shape[0] > 1 and self.row_stride < self.shape[1]:
+            raise ValueError(f"{role} has overlapping rows (row stride {self.row_stride} < {self.shape[1]} columns)")
+
+
+def _same_device(*buffers: _Buffer) -> torch.device:
+    device = buffers[0].device
+    for b in buffers[1:]:
+        if b.device != device:
+            raise ValueError(f"all arrays must be on one device, got {device} and {b.device}")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device}; expected cpu or cuda")
+    return device
+
+
+def _require_contiguous_output(out: _Buffer, role: str) -> None:
+    if len(out.shape) == 2 and out.shape[0] > 1 and out.row_stride != out.shape[1]:
+        raise ValueError(f"{role} must be C-contiguous")
+
+
+def _first(array: ArrayLike, position: int) -> int:
+    return int(array[position].item() if isinstance(array, torch.Tensor) else array[position])
+
+
+def validate_csr_structure(indptr: ArrayLike, indices: ArrayLike, values: ArrayLike, n_cols: int) -> None:
+    """O(n_rows) checks that make every row's [begin, end) a valid slice of indices/values."""
+    if len(indices) != len(values):
+        raise ValueError(f"indices ({len(indices)}) and values ({len(values)}) must have equal length")
+    if len(indptr) < 1:
+        raise ValueError("indptr must have n_rows + 1 >= 1 entries")
+    if n_cols < 0:
+        raise ValueError(f"n_cols must be non-negative, got {n_cols}")
+    first, last = _first(indptr, 0), _first(indptr, -1)
+    if first != 0 or last != len(indices):
+        raise ValueError(f"indptr must start at 0 and end at nnz={len(indices)}, got {first} and {last}")
+    steps = indptr[1:] - indptr[:-1]
+    if bool((steps < 0).any()):
+        raise ValueError("indptr must be non-decreasing")
+
+
+class _Csr:
+    def __init__(self, indptr, indices, values, n_cols: int, validate: bool):
+        self.indptr = _Buffer(indptr, "indptr", ndim=1, allowed=INDEX_DTYPES)
+        self.indices = _Buffer(indices, "indices", ndim=1, allowed=COLUMN_INDEX_DTYPES)
+        self.values = _Buffer(values, "values", ndim=1, allowed=VALUE_DTYPES)
+        self.n_rows = self.indptr.shape[0] - 1
+        self.n_cols = int(n_cols)
+        if self.indices.dtype == "uint16" and self.n_cols > 65536:
+            raise ValueError(
+                f"uint16 column indices cannot address {self.n_cols} columns (at most 65536); "
+                "use int32 indices"
+            )
+        if validate:
+            validate_csr_structure(indptr, indices, values, self.n_cols)
+
+    def args(self) -> dict:
+        return dict(
+            indptr=self.indptr.address,
+            indptr_dtype=self.indptr.dtype,
+            indices=self.indices.address,
+            indices_dtype=self.indices.dtype,
+            values=self.values.address,
+            values_dtype=self.values.dtype,
+            n_rows=self.n_rows,
+            n_cols=self.n_cols,
+        )
+
+
+def _rows_args(rows: _Buffer) -> dict:
+    return dict(rows=rows.address, rows_dtype=rows.dtype, n_batch=rows.shape[0])
+
+
+# --- CUDA bookkeeping ---------------------------------------------------------------------
+
+_bad_row_slots: dict[int, torch.Tensor] = {}
+_NO_BAD_ROW = -1  # all ones: atomicMin of any position replaces it
+
+
+def _cuda_call_args(device: torch.device) -> dict:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return dict(device=index, stream=torch.cuda.current_stream(index).cuda_stream)
+
+
+def bad_row_slot(device: torch.device) -> torch.Tensor:
+    """The device's int64 slot in which GPU kernels record the smallest bad batch position."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    slot = _bad_row_slots.get(index)
+    if slot is None:
+        slot = torch.full((1,), _NO_BAD_ROW, dtype=torch.int64, device=f"cuda:{index}")
+        _bad_row_slots[index] = slot
+    return slot
+
+
+def raise_if_bad_rows(device: torch.device, rows: ArrayLike | None = None, n_rows: int | None = None) -> None:
+    """Synchronises with the device and raises IndexError if a kernel met a bad row index."""
+    slot = bad_row_slot(device)
+    position = int(slot.item())
+    if position == _NO_BAD_ROW:
+        return
+    slot.fill_(_NO_BAD_ROW)
+    detail = ""
+    if rows is not None:
+        detail = f"row index {int(rows[position])} at position {position} "
+    raise IndexError(
+        f"{detail}is out of range"
+        + (f" for {n_rows} rows (expected 0 <= index < {n_rows})" if n_rows is not None else "")
+        + "; the output rows for bad indices were left zero"
+    )
+
+
+# --- public gathers -----------------------------------------------------------------------
+
+
+def check_rows(rows: ArrayLike, n_rows: int) -> None:
+    """Raises IndexError naming the first row index outside [0, n_rows)."""
+    buf = _Buffer(rows, "rows", ndim=1, allowed=INDEX_DTYPES)
+    device = _same_device(buf)
+    if device.type == "cpu":
+        _core.check_rows(**_rows_args(buf), n_rows=n_rows)
+        return
+    cuda = require_cuda_module()
+    cuda.check_rows(**_cuda_call_args(device), **_rows_args(buf), n_rows=n_rows,
+                    bad_position=bad_row_slot(device).data_ptr())
+    raise_if_bad_rows(device, rows, n_rows)
+
+
+def gather_csr_to_dense(indptr: ArrayLike, indices: ArrayLike, values: ArrayLike, n_cols: int,
+                        rows: ArrayLike, out: ArrayLike, *, validate: bool = True) -> ArrayLike:
+    """out[i, :] = dense(matrix[rows[i]]), cast to out's dtype. Returns out."""
+    matrix = _Csr(indptr, indices, values, n_cols, validate)
+    batch = _Buffer(rows, "rows", ndim=1, allowed=INDEX_DTYPES)
+    target = _Buffer(out, "out", ndim=2, allowed=OUTPUT_DTYPES)
+    _require_contiguous_output(target, "out")
+    if target.shape != (batch.shape[0], matrix.n_cols):
+        raise ValueError(f"out has shape {target.shape}; expected {(batch.shape[0], matrix.n_cols)}")
+    device = _same_device(matrix.indptr, matrix.indices, matrix.values, batch, target)
+    if device.type == "cpu":
+        _core.gather_csr_to_dense(**matrix.args(), **_rows_args(batch), out=target.address,
+                                  out_dtype=target.dtype)
+        return out
+    cuda = require_cuda_module()
+    cuda.gather_csr_to_dense(**_cuda_call_args(device), **matrix.args(), **_rows_args(batch),
+                             out=target.address, out_dtype=target.dtype,
+                             bad_position=bad_row_slot(device).data_ptr())
+    if validate:
+        raise_if_bad_rows(device, rows, matrix.n_rows)
+    return out
+
+
+def csr_batch_indptr(indptr: ArrayLike, rows: ArrayLike, out_indptr: ArrayLike, *,
+                     validate: bool = True) -> int | None:
+    """Fills out_indptr (len(rows) + 1) with the batch's row offsets.
+
+    On the CPU returns the batch nnz. On the GPU out_indptr must be int64 and nothing is
+    synchronised: returns None, and the caller reads ``out_indptr[-1]`` when it needs the size.
+    """
+    src = _Buffer(indptr, "indptr", ndim=1, allowed=INDEX_DTYPES)
+    batch = _Buffer(rows, "rows", ndim=1, allowed=INDEX_DTYPES)
+    target = _Buffer(out_indptr, "out_indptr", ndim=1, allowed=INDEX_DTYPES)
+    if target.shape[0] != batch.shape[0] + 1:
+        raise ValueError(f"out_indptr has {target.shape[0]} entries; expected {batch.shape[0] + 1}")
+    device = _same_device(src, batch, target)
+    n_rows = src.shape[0] - 1
+    if device.type == "cpu":
+        return _core.csr_batch_indptr(indptr=src.address, indptr_dtype=src.dtype, n_rows=n_rows,
+                                      **_rows_args(batch), out_indptr=target.address,
+                                      out_indptr_dtype=target.dtype)
+    if target.dtype != "int64":
+        raise TypeError("on the GPU out_indptr must be int64 (cast the finished indptr if needed)")
+    cuda = require_cuda_module()
+    cuda.csr_batch_indptr(**_cuda_call_args(device), indptr=src.address, indptr_dtype=src.dtype,
+                          n_rows=n_rows, **_rows_args(batch), out_indptr=target.address,
+                          bad_position=bad_row_slot(device).data_ptr())
+    if validate:
+        raise_if_bad_rows(device, rows, n_rows)
+    return None
+
+
+def gather_csr_to_csr(indptr: ArrayLike, indices: ArrayLike, values: ArrayLike, n_cols: int,
+                      rows: ArrayLike, out_indptr: ArrayLike, out_indices: ArrayLike,
+                      out_values: ArrayLike, *, validate: bool = True) -> None:
+    """Copies the rows into a batch CSR whose out_indptr csr_batch_indptr filled."""
+    matrix = _Csr(indptr, indices, values, n_cols, validate)
+    batch = _Buffer(rows, "rows", ndim=1, allowed=INDEX_DTYPES)
+    ptr = _Buffer(out_indptr, "out_indptr", ndim=1, allowed=INDEX_DTYPES)
+    idx = _Buffer(out_indices, "out_indices", ndim=1, allowed=INDEX_DTYPES)
+    val = _Buffer(out_values, "out_values", ndim=1, allowed=OUTPUT_DTYPES)
+    if ptr.shape[0] != batch.shape[0] + 1:
+        raise ValueError(f"out_indptr has {ptr.shape[0]} entries; expected {batch.shape[0] + 1}")
+    if idx.shape != val.shape:
+        raise ValueError(f"out_indices {idx.shape} and out_values {val.shape} must have equal length")
+    device = _same_device(matrix.indptr, matrix.indices, matrix.values, batch, ptr, idx, val)
+    if device.type == "cpu":
+        if _first(out_indptr, -1) != idx.shape[0]:
+            raise ValueError(f"out_indptr ends at {_first(out_indptr, -1)} but out_indices has {idx.shape[0]} entries")
+        _core.gather_csr_to_csr(**matrix.args(), **_rows_args(batch), out_indptr=ptr.address,
+                                out_indptr_dtype=ptr.dtype, out_indices=idx.address,
+                                out_indices_dtype=idx.dtype, out_values=val.address,
+                                out_values_dtype=val.dtype)
+        return
+    if ptr.dtype != "int64":
+        raise TypeError("on the GPU out_indptr must be the int64 indptr csr_batch_indptr filled")
+    cuda = require_cuda_module()
+    cuda.gather_csr_to_csr(**_cuda_call_args(device), **matrix.args(), **_rows_args(batch),
+                           out_indptr=ptr.address, out_indices=idx.address,
+                           out_indices_dtype=idx.dtype, out_values=val.address,
+                           out_values_dtype=val.dtype)
+
+
+def gather_dense(src: ArrayLike, rows: ArrayLike, out: ArrayLike, *, validate: bool = True) -> ArrayLike:
+    """out[i, :] = src[rows[i], :], cast to out's dtype. src may have a row stride. Returns out."""
+    source = _Buffer(src, "src", ndim=2, allowed=VALUE_DTYPES)
+    batch = _Buffer(rows, "rows", ndim=1, allowed=INDEX_DTYPES)
+    target = _Buffer(out, "out", ndim=2, allowed=OUTPUT_DTYPES)
+    _require_contiguous_output(target, "out")
+    if target.shape != (batch.shape[0], source.shape[1]):
+        raise ValueError(f"out has shape {target.shape}; expected {(batch.shape[0], source.shape[1])}")
+    device = _same_device(source, batch, target)
+    args = dict(values=source.address, values_dtype=source.dtype, n_rows=source.shape[0],
+                n_cols=source.shape[1], row_stride=source.row_stride, **_rows_args(batch),
+                out=target.address, out_dtype=target.dtype)
+    if device.type == "cpu":
+        _core.gather_dense(**args)
+        return out
+    cuda = require_cuda_module()
+    cuda.gather_dense(**_cuda_call_args(device), **args, bad_position=bad_row_slot(device).data_ptr())
+    if validate:
+        raise_if_bad_rows(device, rows, source.shape[0])
+    return out
+
+
+def csc_to_csr(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, shape: tuple[int, int],
+               *, indptr_dtype=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Converts host CSC arrays to CSR arrays (column indices sorted within rows).
+
+    Done once when data is prepared. The output keeps the index and value dtypes; its indptr is
+    int64 unless ``indptr_dtype`` says otherwise (int32 is refused when nnz does not fit).
+    """
+    n_rows, n_cols = (int(s) for s in shape)
+    for name, a in (("indptr", indptr), ("indices", indices), ("values", values)):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"csc_to_csr takes host numpy arrays; {name} is {type(a).__name__}")
+    csc = _Csr(indptr, indices, values, n_rows, validate=True)  # a CSC is the CSR of the transpose
+    if csc.n_rows != n_cols:
+        raise ValueError(f"CSC indptr has {csc.n_rows + 1} entries; expected n_cols + 1 = {n_cols + 1}")
+    out_indptr_dtype = np.dtype(indptr_dtype or np.int64)
+    out_indptr = np.empty(n_rows + 1, dtype=out_indptr_dtype)
+    out_indices = np.empty(len(indices), dtype=indices.dtype)
+    out_values = np.empty(len(values), dtype=values.dtype)
+    if n_cols > np.iinfo(indices.dtype).max + 1:
+        raise ValueError(f"{indices.dtype} indices cannot hold {n_cols} column numbers")
+    _core.csc_to_csr(**{**csc.args(), "n_rows": n_rows, "n_cols": n_cols},
+                     out_indptr=out_indptr.ctypes.data,
+                     out_indptr_dtype=_Buffer(out_indptr, "indptr_dtype", ndim=1, allowed=INDEX_DTYPES).dtype,
+                     out_indices=out_indices.ctypes.data, out_values=out_values.ctypes.data)
+    return out_indptr, out_indices, out_values
+
+
+def get_num_threads() -> int:
+    """Threads the CPU gathers use (the calling thread included)."""
+    return _core.get_num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the threads the CPU gathers use (the calling thread included)."""
+    _core.set_num_threads(int(n))

@@ -1,0 +1,42 @@
+// Argument unpacking shared by the CPU and CUDA Python modules: both take the same flat
+// (address, dtype-name, sizes) arguments so the Python layer has one calling convention.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "gather_args.h"
+
+namespace annloader {
+
+inline const void* as_cptr(uintptr_t address) { return reinterpret_cast<const void*>(address); }
+inline void* as_ptr(uintptr_t address) { return reinterpret_cast<void*>(address); }
+
+inline CsrMatrix make_csr(uintptr_t indptr, const std::string& indptr_dtype, uintptr_t indices,
+                          const std::string& indices_dtype, uintptr_t values,
+                          const std::string& values_dtype, int64_t n_rows, int64_t n_cols) {
+  if (n_rows < 0 || n_cols < 0) {
+    throw std::invalid_argument("matrix shape must be non-negative, got (" + std::to_string(n_rows) +
+                                ", " + std::to_string(n_cols) + ")");
+  }
+  return CsrMatrix{as_cptr(indptr), parse_dtype(indptr_dtype), as_cptr(indices),
+                   parse_dtype(indices_dtype), as_cptr(values), parse_dtype(values_dtype),
+                   n_rows, n_cols};
+}
+
+inline RowIndices make_rows(uintptr_t rows, const std::string& rows_dtype, int64_t count) {
+  if (count < 0) throw std::invalid_argument("row count must be non-negative");
+  return RowIndices{as_cptr(rows), parse_dtype(rows_dtype), count};
+}
+
+// Keyword names, identical in both modules.
+#define ANNLOADER_CSR_ARGS                                                                     \
+  pybind11::arg("indptr"), pybind11::arg("indptr_dtype"), pybind11::arg("indices"),           \
+      pybind11::arg("indices_dtype"), pybind11::arg("values"), pybind11::arg("values_dtype"), \
+      pybind11::arg("n_rows"), pybind11::arg("n_cols")
+#define ANNLOADER_ROWS_ARGS \
+  pybind11::arg("rows"), pybind11::arg("rows_dtype"), pybind11::arg("n_batch")
+
+}  // namespace annloader

@@ -1,0 +1,281 @@
+// annloader_gpu._cuda: launchers for the CUDA gathers, built when CMake finds a CUDA compiler.
+//
+// Every launcher sets the device, enqueues on the caller's stream (torch's current stream, passed
+// as an address) and checks the launch with the kernel's name in the message. Nothing here
+// synchronises: the caller decides when to read results or the bad-row slot.
+#include <cuda_runtime.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#include "bindings_common.h"
+#include "dispatch.h"
+#include "kernels_gather.cuh"
+
+namespace py = pybind11;
+
+namespace annloader::cuda {
+namespace {
+
+void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorName(status) + ": " +
+                             cudaGetErrorString(status));
+  }
+}
+
+void check_launch(const char* kernel_name) {
+  check_cuda(cudaGetLastError(), (std::string("launch of ") + kernel_name).c_str());
+}
+
+cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+unsigned long long* as_slot(uintptr_t slot) { return reinterpret_cast<unsigned long long*>(slot); }
+
+// Grid-stride kernels cap the grid; 2^20 blocks is far past what any GPU runs at once.
+unsigned int blocks_for(int64_t items, int64_t per_block = 1) {
+  const int64_t blocks = (items + per_block - 1) / per_block;
+  return static_cast<unsigned int>(std::clamp<int64_t>(blocks, 1, int64_t{1} << 20));
+}
+
+int64_t output_element_size(DType t) {
+  int64_t size = 0;
+  dispatch_output(t, [&](auto tag) { size = sizeof(typename decltype(tag)::type); });
+  return size;
+}
+
+constexpr int kRowThreads = 256;
+
+void gather_csr_to_dense(int device, uintptr_t stream, const CsrMatrix& m, const RowIndices& rows,
+                         uintptr_t out, DType out_dtype, uintptr_t bad_position) {
+  const bool indptr64 = is_int64_index(m.indptr_dtype, "indptr");
+  const bool rows64 = is_int64_index(rows.dtype, "row index");
+  check_column_index_capacity(m.indices_dtype, m.n_cols);
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  const int64_t bytes = rows.count * m.n_cols * output_element_size(out_dtype);
+  if (bytes == 0) return;
+  // All-zero bits are zero in every output dtype; the memset runs at the copy roof.
+  check_cuda(cudaMemsetAsync(as_ptr(out), 0, static_cast<size_t>(bytes), as_stream(stream)),
+             "cudaMemsetAsync of the dense output");
+  dispatch_column_index(m.indices_dtype, [&](auto idx_tag) {
+    using Idx = typename decltype(idx_tag)::type;
+    dispatch_value(m.values_dtype, [&](auto val_tag) {
+      using Val = typename decltype(val_tag)::type;
+      dispatch_output(out_dtype, [&](auto out_tag) {
+        using Out = typename decltype(out_tag)::type;
+        scatter_csr_rows_kernel<Idx, Val, Out>
+            <<<blocks_for(rows.count), kRowThreads, 0, as_stream(stream)>>>(
+                m.indptr, indptr64, static_cast<const Idx*>(m.indices),
+                static_cast<const Val*>(m.values), m.n_rows, m.n_cols, rows.rows, rows64,
+                rows.count, static_cast<Out*>(as_ptr(out)), as_slot(bad_position));
+        check_launch("scatter_csr_rows_kernel");
+      });
+    });
+  });
+}
+
+void csr_batch_indptr(int device, uintptr_t stream, const CsrMatrix& m, const RowIndices& rows,
+                      uintptr_t out_indptr, uintptr_t bad_position) {
+  const bool indptr64 = is_int64_index(m.indptr_dtype, "indptr");
+  const bool rows64 = is_int64_index(rows.dtype, "row index");
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  auto* out = static_cast<int64_t*>(as_ptr(out_indptr));
+  batch_row_lengths_kernel<<<blocks_for(rows.count, kRowThreads), kRowThreads, 0,
+                             as_stream(stream)>>>(m.indptr, indptr64, m.n_rows, rows.rows, rows64,
+                                                  rows.count, out, as_slot(bad_position));
+  check_launch("batch_row_lengths_kernel");
+  inclusive_scan_single_block_kernel<<<1, kScanThreads, 0, as_stream(stream)>>>(out + 1,
+                                                                                rows.count);
+  check_launch("inclusive_scan_single_block_kernel");
+}
+
+void gather_csr_to_csr(int device, uintptr_t stream, const CsrMatrix& m, const RowIndices& rows,
+                       uintptr_t out_indptr, uintptr_t out_indices, DType out_indices_dtype,
+                       uintptr_t out_values, DType out_values_dtype) {
+  const bool indptr64 = is_int64_index(m.indptr_dtype, "indptr");
+  const bool rows64 = is_int64_index(rows.dtype, "row index");
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  if (rows.count == 0) return;
+  const auto* batch_indptr = static_cast<const int64_t*>(as_cptr(out_indptr));
+  dispatch_column_index(m.indices_dtype, [&](auto idx_tag) {
+    using Idx = typename decltype(idx_tag)::type;
+    dispatch_index(out_indices_dtype, "output column index", [&](auto out_idx_tag) {
+      using OutIdx = typename decltype(out_idx_tag)::type;
+      copy_csr_indices_kernel<Idx, OutIdx><<<blocks_for(rows.count), kRowThreads, 0,
+                                             as_stream(stream)>>>(
+          m.indptr, indptr64, static_cast<const Idx*>(m.indices), m.n_rows, rows.rows, rows64,
+          rows.count, batch_indptr, static_cast<OutIdx*>(as_ptr(out_indices)));
+      check_launch("copy_csr_indices_kernel");
+    });
+  });
+  dispatch_value(m.values_dtype, [&](auto val_tag) {
+    using Val = typename decltype(val_tag)::type;
+    dispatch_output(out_values_dtype, [&](auto out_tag) {
+      using OutVal = typename decltype(out_tag)::type;
+      copy_csr_values_kernel<Val, OutVal><<<blocks_for(rows.count), kRowThreads, 0,
+                                            as_stream(stream)>>>(
+          m.indptr, indptr64, static_cast<const Val*>(m.values), m.n_rows, rows.rows, rows64,
+          rows.count, batch_indptr, static_cast<OutVal*>(as_ptr(out_values)));
+      check_launch("copy_csr_values_kernel");
+    });
+  });
+}
+
+void gather_dense(int device, uintptr_t stream, const DenseMatrix& m, const RowIndices& rows,
+                  uintptr_t out, DType out_dtype, uintptr_t bad_position) {
+  const bool rows64 = is_int64_index(rows.dtype, "row index");
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  if (rows.count == 0 || m.n_cols == 0) return;
+  // Narrow rows (obs columns) get a warp each instead of an idle 256-thread block.
+  const int threads = static_cast<int>(std::min<int64_t>(kRowThreads, (m.n_cols + 31) / 32 * 32));
+  const unsigned int col_chunks =
+      static_cast<unsigned int>(std::clamp<int64_t>((m.n_cols + 4095) / 4096, 1, 65535));
+  const dim3 grid(blocks_for(rows.count), col_chunks);
+  dispatch_value(m.dtype, [&](auto val_tag) {
+    using Val = typename decltype(val_tag)::type;
+    dispatch_output(out_dtype, [&](auto out_tag) {
+      using Out = typename decltype(out_tag)::type;
+      gather_dense_rows_kernel<Val, Out><<<grid, threads, 0, as_stream(stream)>>>(
+          static_cast<const Val*>(m.values), m.n_rows, m.n_cols, m.row_stride, rows.rows, rows64,
+          rows.count, static_cast<Out*>(as_ptr(out)), as_slot(bad_position));
+      check_launch("gather_dense_rows_kernel");
+    });
+  });
+}
+
+void check_rows(int device, uintptr_t stream, const RowIndices& rows, int64_t n_rows,
+                uintptr_t bad_position) {
+  const bool rows64 = is_int64_index(rows.dtype, "row index");
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  if (rows.count == 0) return;
+  check_rows_kernel<<<blocks_for(rows.count, kRowThreads), kRowThreads, 0, as_stream(stream)>>>(
+      rows.rows, rows64, rows.count, n_rows, as_slot(bad_position));
+  check_launch("check_rows_kernel");
+}
+
+}  // namespace
+}  // namespace annloader::cuda
+
+using namespace annloader;
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "CUDA row gathers (annloader_gpu's optional GPU module).";
+
+  m.def("device_count", [] {
+    int count = 0;
+    // No driver or no device is an answer here, not an error.
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return count;
+  });
+  m.def("device_count_error", [] {
+    int count = 0;
+    const cudaError_t status = cudaGetDeviceCount(&count);
+    cudaGetLastError();
+    return status == cudaSuccess ? std::string() : std::string(cudaGetErrorString(status));
+  });
+  m.def("runtime_version", [] {
+    int version = 0;
+    cuda::check_cuda(cudaRuntimeGetVersion(&version), "cudaRuntimeGetVersion");
+    return version;
+  });
+  m.def("driver_version", [] {
+    int version = 0;
+    if (cudaDriverGetVersion(&version) != cudaSuccess) return 0;
+    return version;
+  });
+  m.def(
+      "mem_get_info",
+      [](int device) {
+        cuda::check_cuda(cudaSetDevice(device), "cudaSetDevice");
+        size_t free_bytes = 0, total_bytes = 0;
+        cuda::check_cuda(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+        return std::make_tuple(free_bytes, total_bytes);
+      },
+      py::arg("device"));
+  m.attr("architectures") = py::str(ANNLOADER_CUDA_ARCHITECTURES);
+
+  m.def(
+      "check_rows",
+      [](int device, uintptr_t stream, uintptr_t rows, const std::string& rows_dtype,
+         int64_t n_batch, int64_t n_rows, uintptr_t bad_position) {
+        cuda::check_rows(device, stream, make_rows(rows, rows_dtype, n_batch), n_rows,
+                         bad_position);
+      },
+      py::arg("device"), py::arg("stream"), ANNLOADER_ROWS_ARGS, py::arg("n_rows"),
+      py::arg("bad_position"));
+
+  m.def(
+      "gather_csr_to_dense",
+      [](int device, uintptr_t stream, uintptr_t indptr, const std::string& indptr_dtype,
+         uintptr_t indices, const std::string& indices_dtype, uintptr_t values,
+         const std::string& values_dtype, int64_t n_rows, int64_t n_cols, uintptr_t rows,
+         const std::string& rows_dtype, int64_t n_batch, uintptr_t out,
+         const std::string& out_dtype, uintptr_t bad_position) {
+        cuda::gather_csr_to_dense(device, stream,
+                                  make_csr(indptr, indptr_dtype, indices, indices_dtype, values,
+                                           values_dtype, n_rows, n_cols),
+                                  make_rows(rows, rows_dtype, n_batch), out,
+                                  parse_dtype(out_dtype), bad_position);
+      },
+      py::arg("device"), py::arg("stream"), ANNLOADER_CSR_ARGS, ANNLOADER_ROWS_ARGS,
+      py::arg("out"), py::arg("out_dtype"), py::arg("bad_position"));
+
+  m.def(
+      "csr_batch_indptr",
+      [](int device, uintptr_t stream, uintptr_t indptr, const std::string& indptr_dtype,
+         int64_t n_rows, uintptr_t rows, const std::string& rows_dtype, int64_t n_batch,
+         uintptr_t out_indptr, uintptr_t bad_position) {
+        const CsrMatrix matrix{as_cptr(indptr), parse_dtype(indptr_dtype), nullptr,
+                               DType::kInt32, nullptr, DType::kFloat32, n_rows, 0};
+        cuda::csr_batch_indptr(device, stream, matrix, make_rows(rows, rows_dtype, n_batch),
+                               out_indptr, bad_position);
+      },
+      py::arg("device"), py::arg("stream"), py::arg("indptr"), py::arg("indptr_dtype"),
+      py::arg("n_rows"), ANNLOADER_ROWS_ARGS, py::arg("out_indptr"), py::arg("bad_position"),
+      "Fills an int64 out_indptr (n_batch + 1 entries) on the device; no synchronisation.");
+
+  m.def(
+      "gather_csr_to_csr",
+      [](int device, uintptr_t stream, uintptr_t indptr, const std::string& indptr_dtype,
+         uintptr_t indices, const std::string& indices_dtype, uintptr_t values,
+         const std::string& values_dtype, int64_t n_rows, int64_t n_cols, uintptr_t rows,
+         const std::string& rows_dtype, int64_t n_batch, uintptr_t out_indptr,
+         uintptr_t out_indices, const std::string& out_indices_dtype, uintptr_t out_values,
+         const std::string& out_values_dtype) {
+        cuda::gather_csr_to_csr(device, stream,
+                                make_csr(indptr, indptr_dtype, indices, indices_dtype, values,
+                                         values_dtype, n_rows, n_cols),
+                                make_rows(rows, rows_dtype, n_batch), out_indptr, out_indices,
+                                parse_dtype(out_indices_dtype), out_values,
+                                parse_dtype(out_values_dtype));
+      },
+      py::arg("device"), py::arg("stream"), ANNLOADER_CSR_ARGS, ANNLOADER_ROWS_ARGS,
+      py::arg("out_indptr"), py::arg("out_indices"), py::arg("out_indices_dtype"),
+      py::arg("out_values"), py::arg("out_values_dtype"),
+      "out_indptr is the int64 batch indptr that csr_batch_indptr filled.");
+
+  m.def(
+      "gather_dense",
+      [](int device, uintptr_t stream, uintptr_t values, const std::string& values_dtype,
+         int64_t n_rows, int64_t n_cols, int64_t row_stride, uintptr_t rows,
+         const std::string& rows_dtype, int64_t n_batch, uintptr_t out,
+         const std::string& out_dtype, uintptr_t bad_position) {
+        if (n_rows < 0 || n_cols < 0 || row_stride < 0) {
+          throw std::invalid_argument("dense shape and row stride must be non-negative");
+        }
+        cuda::gather_dense(device, stream,
+                           DenseMatrix{as_cptr(values), parse_dtype(values_dtype), n_rows, n_cols,
+                                       row_stride},
+                           make_rows(rows, rows_dtype, n_batch), out, parse_dtype(out_dtype),
+                           bad_position);
+      },
+      py::arg("device"), py::arg("stream"), py::arg("values"), py::arg("values_dtype"),
+      py::arg("n_rows"), py::arg("n_cols"), py::arg("row_stride"), ANNLOADER_ROWS_ARGS,
+      py::arg("out"), py::arg("out_dtype"), py::arg("bad_position"));
+}

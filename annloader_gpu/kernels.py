@@ -87,7 +87,9 @@ class _Buffer:
             raise TypeError(f"{role} has dtype {array.dtype}; expected one of {', '.join(allowed)}")
         self.shape = tuple(int(s) for s in array.shape)
         # Columns (or the single dimension) must be contiguous; dense sources may skip rows.
-        if self.shape[-1] > 1 and strides[-1] != 1:
+        # An array with no elements has no layout to check (torch reports strides (0, 0) for a
+        # (0, n) tensor made by torch.from_numpy).
+        if self.shape[-1] > 1 and strides[-1] != 1 and 0 not in self.shape:
             raise ValueError(f"{role} must be contiguous along its last dimension (strides {strides})")
         self.row_stride = int(strides[0]) if ndim == 2 else 1
         if ndim == 2 and self.shape[0] > 1 and self.row_stride < self.shape[1]:
@@ -105,7 +107,8 @@ def _same_device(*buffers: _Buffer) -> torch.device:
 
 
 def _require_contiguous_output(out: _Buffer, role: str) -> None:
-    if len(out.shape) == 2 and out.shape[0] > 1 and out.row_stride != out.shape[1]:
+    # A (B, 0) tensor has no bytes; torch gives it row stride 1, which is still contiguous.
+    if len(out.shape) == 2 and out.shape[0] > 1 and out.shape[1] > 0 and out.row_stride != out.shape[1]:
         raise ValueError(f"{role} must be C-contiguous")
 
 

@@ -183,6 +183,12 @@ template <typename In>
 struct Cast<int32_t, In> {
   HOST_DEVICE static int32_t apply(In v) { return static_cast<int32_t>(Load<In>::as_double(v)); }
 };
+template <>
+struct Cast<int32_t, int64_t> {
+  // Integer narrowing wraps modulo 2^32 as torch's .to(int32) does; going through double would
+  // be undefined (and saturate on the GPU) for values outside the int32 range.
+  HOST_DEVICE static int32_t apply(int64_t v) { return static_cast<int32_t>(v); }
+};
 template <typename In>
 struct Cast<half_bits, In> {
   HOST_DEVICE static half_bits apply(In v) { return half_bits{float_to_half(Load<In>::as_float(v))}; }

@@ -1,0 +1,334 @@
+"""One-shot GPU check: correctness against the CPU reference, then timings against the roofs.
+
+Prepared to run within a short device lease (see ../shared/device/README.md). It builds nothing;
+install the package first. Run it on the CPU first (``--device cpu``) so that only GPU-specific
+failures are left for the device run.
+
+    python benchmarks/device_check.py --out OUT                 # full check + timings on cuda
+    python benchmarks/device_check.py --device cpu --quick      # rehearsal on the CPU
+    compute-sanitizer --tool memcheck python benchmarks/device_check.py --sanitize-case
+
+Every kernel output is poisoned before the kernel runs, so rows a kernel forgot to write show.
+Timings use CUDA events on the current stream; each ratio is against a roof measured in the same
+run: a device-to-device copy for resident data, a pinned host-to-device copy for pinned data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+import annloader_gpu
+from annloader_gpu import kernels
+
+OUTPUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64]
+VALUE_DTYPES = [np.float32, np.float64, np.float16, np.int32, np.uint16, np.uint8]
+INDEX_DTYPES = [np.int32, np.int64, np.uint16]
+
+
+def log(*parts) -> None:
+    print(*parts, flush=True)
+
+
+# --- correctness ------------------------------------------------------------------------------
+
+
+def random_csr(rng: np.random.Generator, n_rows: int, n_cols: int, density: float, value_dtype,
+               index_dtype, indptr_dtype) -> sp.csr_matrix:
+    m = sp.random(n_rows, n_cols, density=density, format="csr", random_state=rng, dtype=np.float64)
+    m.data = rng.integers(1, 200, m.nnz).astype(np.float64)  # exact in every value dtype
+    if n_rows > 2:
+        m.data[m.indptr[1]:m.indptr[2]] = 0  # an empty row
+        m.eliminate_zeros()
+    out = sp.csr_matrix((m.data.astype(value_dtype), m.indices.astype(index_dtype),
+                         m.indptr.astype(indptr_dtype)), shape=m.shape)
+    # Unsorted columns within rows are part of the contract.
+    for r in range(0, n_rows, 3):
+        lo, hi = out.indptr[r], out.indptr[r + 1]
+        out.indices[lo:hi] = out.indices[lo:hi][::-1].copy()
+        out.data[lo:hi] = out.data[lo:hi][::-1].copy()
+    return out
+
+
+def reference_dense(m: sp.csr_matrix, rows: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    canonical = sp.csr_matrix((m.data.astype(np.float64), m.indices.astype(np.int64), m.indptr), shape=m.shape)
+    return torch.from_numpy(canonical[rows].toarray()).to(dtype)
+
+
+def poison(shape, dtype, device) -> torch.Tensor:
+    fill = -7 if not dtype.is_floating_point else float("nan")
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def check_kernels(device: torch.device, rng: np.random.Generator, quick: bool) -> list[str]:
+    failures: list[str] = []
+    shapes = [(50, 300, 0.1), (1, 70, 0.5), (200, 1000, 0.02)] if not quick else [(50, 300, 0.1)]
+    for n_rows, n_cols, density in shapes:
+        for value_dtype in VALUE_DTYPES:
+            for index_dtype in INDEX_DTYPES:
+                for indptr_dtype in (np.int32, np.int64):
+                    m = random_csr(rng, n_rows, n_cols, density, value_dtype, index_dtype, indptr_dtype)
+                    rows = rng.integers(0, n_rows, 2 * n_rows).astype(np.int64)
+                    rows[: min(3, len(rows))] = min(1, n_rows - 1)  # repeated rows, the empty one
+                    d = dict(indptr=torch.from_numpy(m.indptr).to(device),
+                             indices=torch.from_numpy(m.indices).to(device),
+                             values=torch.from_numpy(m.data).to(device))
+                    r = torch.from_numpy(rows).to(device)
+                    for out_dtype in OUTPUT_DTYPES:
+                        out = poison((len(rows), n_cols), out_dtype, device)
+                        kernels.gather_csr_to_dense(d["indptr"], d["indices"], d["values"], n_cols, r, out)
+                        if not torch.equal(out.cpu(), reference_dense(m, rows, out_dtype)):
+                            failures.append(f"csr->dense {value_dtype.__name__}/{index_dtype.__name__}/"
+                                            f"{indptr_dtype.__name__} -> {out_dtype} shape {m.shape}")
+                    # CSR -> CSR
+                    out_indptr = torch.full((len(rows) + 1,), -1, dtype=torch.int64, device=device)
+                    kernels.csr_batch_indptr(d["indptr"], r, out_indptr)
+                    nnz = int(out_indptr[-1].item())
+                    out_idx = torch.full((nnz,), -1, dtype=torch.int32, device=device)
+                    out_val = poison((nnz,), torch.float32, device)
+                    kernels.gather_csr_to_csr(d["indptr"], d["indices"], d["values"], n_cols, r,
+                                              out_indptr, out_idx, out_val)
+                    got = sp.csr_matrix((out_val.cpu().numpy(), out_idx.cpu().numpy(), out_indptr.cpu().numpy()),
+                                        shape=(len(rows), n_cols)).toarray()
+                    if not np.array_equal(got, reference_dense(m, rows, torch.float32).numpy()):
+                        failures.append(f"csr->csr {value_dtype.__name__}/{index_dtype.__name__} shape {m.shape}")
+    # Dense -> dense, with a row stride.
+    src = torch.from_numpy(rng.standard_normal((100, 64)).astype(np.float32)).to(device)[:, 8:40]
+    rows = torch.from_numpy(rng.integers(0, 100, 77)).to(device)
+    for out_dtype in OUTPUT_DTYPES:
+        out = poison((77, 32), out_dtype, device)
+        kernels.gather_dense(src, rows, out)
+        if not torch.equal(out.cpu(), src.cpu()[rows.cpu()].to(out_dtype)):
+            failures.append(f"dense->dense float32 -> {out_dtype}")
+    # Bad rows raise and are never dereferenced.
+    m = random_csr(rng, 10, 20, 0.3, np.float32, np.int32, np.int64)
+    try:
+        kernels.gather_csr_to_dense(torch.from_numpy(m.indptr).to(device), torch.from_numpy(m.indices).to(device),
+                                    torch.from_numpy(m.data).to(device), 20,
+                                    torch.tensor([0, 10**9], device=device), torch.empty(2, 20, device=device))
+        failures.append("out-of-range row did not raise")
+    except IndexError:
+        pass
+    return failures
+
+
+# --- timings ----------------------------------------------------------------------------------
+
+
+def synthetic_csr_on(device: torch.device, n_obs: int, n_vars: int, genes_per_cell: int, seed: int):
+    """A realistic count matrix built with torch on the target device (seconds on a GPU)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    # Zipf-like popularity: column = floor(n_vars * u^3) concentrates mass on low columns.
+    per_cell = (torch.randn(n_obs, generator=g, device=device) * 0.4).exp() * genes_per_cell
+    per_cell = per_cell.clamp(1, n_vars).long()
+    nnz_draw = int(per_cell.sum())
+    row = torch.repeat_interleave(torch.arange(n_obs, device=device), per_cell)
+    col = (torch.rand(nnz_draw, generator=g, device=device) ** 3 * n_vars).long().clamp_(0, n_vars - 1)
+    keys = torch.unique(row * n_vars + col)  # sorted, duplicates merged: canonical CSR
+    row, col = keys // n_vars, keys % n_vars
+    counts = torch.bincount(row, minlength=n_obs)
+    indptr = torch.zeros(n_obs + 1, dtype=torch.int64, device=device)
+    indptr[1:] = counts.cumsum(0)
+    values = 1 + (torch.rand(len(col), generator=g, device=device).log() / np.log(0.6)).floor()
+    return indptr, col.to(torch.int32), values.to(torch.float32)
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, fn, repeats: int) -> float:
+        """Seconds per call (median of three runs of `repeats` calls)."""
+        fn()
+        samples = []
+        for _ in range(3):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(repeats):
+                    fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3 / repeats)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                samples.append((time.perf_counter() - t0) / repeats)
+        return float(np.median(samples))
+
+
+def copy_roof(device: torch.device, nbytes: int, timer: Timer) -> float:
+    """Bytes moved per second (read + write) by a same-device copy of nbytes."""
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1)
+    b = torch.empty_like(a).fill_(0)
+    seconds = timer(lambda: b.copy_(a), 10)
+    return 2 * nbytes / seconds
+
+
+def pinned_h2d_roof(device: torch.device, nbytes: int, timer: Timer) -> float:
+    host = torch.empty(nbytes // 4, dtype=torch.float32).pin_memory().fill_(1)
+    dev = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    return nbytes / timer(lambda: dev.copy_(host, non_blocking=True), 10)
+
+
+def time_gathers(device: torch.device, args, timer: Timer) -> dict:
+    t0 = time.perf_counter()
+    indptr, indices, values = synthetic_csr_on(device, args.n_obs, args.n_vars, 1500, 0)
+    build_s = time.perf_counter() - t0
+    nnz = len(indices)
+    compact = (indptr.to(torch.int32 if nnz < 2**31 else torch.int64), indices.to(torch.uint16) if args.n_vars <= 65536 else indices,
+               values.to(torch.uint16))
+    results: dict = {"n_obs": args.n_obs, "n_vars": args.n_vars, "nnz": nnz,
+                     "nnz_per_cell": nnz / args.n_obs, "build_s": build_s}
+    roof = copy_roof(device, 1 << 30, timer)
+    results["copy_roof_GBps"] = roof / 1e9
+    log(f"matrix {args.n_obs} x {args.n_vars}, {nnz / args.n_obs:.0f} nnz/cell, built in {build_s:.1f} s; "
+        f"copy roof {roof / 1e9:.0f} GB/s (read+write)")
+    gen = torch.Generator(device=device).manual_seed(1)
+    for storage_name, (ip, ix, vv) in {"float32+int32": (indptr, indices, values), "compact": compact}.items():
+        for batch_size in args.batch_sizes:
+            rows = torch.randint(0, args.n_obs, (batch_size,), generator=gen, device=device)
+            out = torch.empty(batch_size, args.n_vars, dtype=torch.float32, device=device)
+            row_nnz = int((indptr[rows + 1] - indptr[rows]).sum())
+            moved = row_nnz * (ix.element_size() + vv.element_size()) + batch_size * 2 * ip.element_size() + out.numel() * 4
+            s = timer(lambda: kernels.gather_csr_to_dense(ip, ix, vv, args.n_vars, rows, out, validate=False), 50)
+            key = f"dense_{storage_name}_b{batch_size}"
+            results[key] = {"s_per_batch": s, "cells_per_s": batch_size / s, "GBps": moved / s / 1e9,
+                            "fraction_of_copy_roof": moved / s / roof}
+            log(f"  {key}: {batch_size / s / 1e6:.2f} M cells/s, {moved / s / 1e9:.0f} GB/s = "
+                f"{moved / s / roof:.0%} of copy roof")
+            out_indptr = torch.empty(batch_size + 1, dtype=torch.int64, device=device)
+            out_idx = torch.empty(row_nnz, dtype=torch.int32, device=device)
+            out_val = torch.empty(row_nnz, dtype=torch.float32, device=device)
+
+            def sparse_gather():
+                kernels.csr_batch_indptr(ip, rows, out_indptr, validate=False)
+                kernels.gather_csr_to_csr(ip, ix, vv, args.n_vars, rows, out_indptr, out_idx, out_val, validate=False)
+
+            s_sparse = timer(sparse_gather, 50)
+            results[f"sparse_{storage_name}_b{batch_size}"] = {"s_per_batch": s_sparse, "cells_per_s": batch_size / s_sparse}
+            log(f"  sparse_{storage_name}_b{batch_size}: {batch_size / s_sparse / 1e6:.2f} M cells/s "
+                f"({s / s_sparse:.1f}x dense)")
+    if device.type == "cuda":
+        pinned = tuple(t.cpu().pin_memory() for t in compact)
+        h2d = pinned_h2d_roof(device, 1 << 28, timer)
+        results["pinned_h2d_roof_GBps"] = h2d / 1e9
+        for batch_size in args.batch_sizes:
+            rows = torch.randint(0, args.n_obs, (batch_size,), generator=gen, device=device)
+            out = torch.empty(batch_size, args.n_vars, dtype=torch.float32, device=device)
+            row_nnz = int((indptr[rows + 1] - indptr[rows]).sum())
+            gathered = row_nnz * (compact[1].element_size() + compact[2].element_size())
+            try:
+                s = timer(lambda: kernels.gather_csr_to_dense(*pinned, args.n_vars, rows, out, validate=False), 20)
+            except (ValueError, RuntimeError) as exc:  # pinned inputs not supported by this build
+                results[f"pinned_b{batch_size}"] = {"error": str(exc)}
+                log(f"  pinned_b{batch_size}: not run: {exc}")
+                continue
+            results[f"pinned_b{batch_size}"] = {"cells_per_s": batch_size / s, "GBps": gathered / s / 1e9,
+                                                "fraction_of_pinned_h2d": gathered / s / h2d}
+            log(f"  pinned_b{batch_size}: {batch_size / s / 1e6:.2f} M cells/s, "
+                f"{gathered / s / h2d:.0%} of pinned H2D ({h2d / 1e9:.0f} GB/s)")
+    return results
+
+
+def time_loader_loop(device: torch.device, args) -> dict:
+    """End-to-end `for batch in loader` against scvi-tools' loader (or the scipy path) moving to device."""
+    try:
+        from annloader_gpu.loader import AnnDataLoader
+        from annloader_gpu.registry import setup_anndata
+        from annloader_gpu.synthetic import make_counts_adata
+    except ImportError as exc:
+        return {"skipped": f"loader not importable: {exc}"}
+    adata = make_counts_adata(args.loop_n_obs, args.n_vars, seed=0)
+    registry = setup_anndata(adata, batch_key="batch", labels_key="labels")
+    results: dict = {"n_obs": args.loop_n_obs}
+
+    def drain(loader) -> float:
+        t0 = time.perf_counter()
+        n = 0
+        for batch in loader:
+            x = batch["X"]
+            if x.device != device:
+                x = x.to(device, non_blocking=True)
+            n += x.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return n / (time.perf_counter() - t0)
+
+    for batch_size in args.batch_sizes:
+        ours = AnnDataLoader(registry, batch_size=batch_size, shuffle=True, device=device)
+        drain(ours)
+        results[f"ours_b{batch_size}"] = drain(ours)
+        try:
+            import scvi  # noqa: F401
+            from scvi.dataloaders import AnnDataLoader as ScviLoader
+            from scvi.model import SCVI
+
+            ref = adata.copy()
+            SCVI.setup_anndata(ref, batch_key="batch", labels_key="labels")
+            manager = SCVI._get_most_recent_anndata_manager(ref, required=True)
+            theirs = ScviLoader(manager, batch_size=batch_size, shuffle=True)
+            name = "scvi"
+        except ImportError:
+            theirs = _scipy_baseline(adata, batch_size)
+            name = "scipy_path"
+        results[f"{name}_b{batch_size}"] = drain(theirs)
+        ratio = results[f"ours_b{batch_size}"] / results[f"{name}_b{batch_size}"]
+        log(f"  loop b{batch_size}: ours {results[f'ours_b{batch_size}'] / 1e6:.2f} M cells/s, "
+            f"{name} {results[f'{name}_b{batch_size}'] / 1e6:.3f} M cells/s, ratio {ratio:.1f}x, "
+            f"per-batch {batch_size / results[f'ours_b{batch_size}'] * 1e6:.0f} us")
+    return results
+
+
+def _scipy_baseline(adata, batch_size):
+    x = adata.X
+    order = np.random.default_rng(0).permutation(adata.n_obs)
+    for start in range(0, adata.n_obs, batch_size):
+        idx = np.sort(order[start:start + batch_size])
+        yield {"X": torch.from_numpy(x[idx].toarray())}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="folder for device_check.json")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="small sizes (CPU rehearsal)")
+    parser.add_argument("--sanitize-case", action="store_true", help="correctness on tiny data only")
+    parser.add_argument("--n-obs", type=int, default=200_000)
+    parser.add_argument("--loop-n-obs", type=int, default=50_000)
+    parser.add_argument("--n-vars", type=int, default=20_000)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n_obs, args.loop_n_obs = min(args.n_obs, 5_000), min(args.loop_n_obs, 3_000)
+    device = torch.device(args.device)
+    report: dict = {"build_info": annloader_gpu.build_info(), "device": str(device)}
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(device)
+    log(json.dumps(report["build_info"]))
+    rng = np.random.default_rng(0)
+    failures = check_kernels(device, rng, quick=args.quick or args.sanitize_case)
+    report["correctness_failures"] = failures
+    log(f"correctness: {'OK' if not failures else f'{len(failures)} FAILURES'}")
+    for f in failures:
+        log("  FAIL", f)
+    if not args.sanitize_case:
+        timer = Timer(device)
+        report["gathers"] = time_gathers(device, args, timer)
+        report["loop"] = time_loader_loop(device, args)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "device_check.json").write_text(json.dumps(report, indent=1, default=str))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

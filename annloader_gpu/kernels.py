@@ -62,17 +62,19 @@ def dtype_name(array: ArrayLike) -> str:
 class _Buffer:
     """Address, dtype name, shape, row stride and device of one argument, checked on the way in."""
 
-    __slots__ = ("address", "dtype", "shape", "row_stride", "device")
+    __slots__ = ("address", "dtype", "shape", "row_stride", "device", "array")
 
     def __init__(self, array: ArrayLike, role: str, *, ndim: int, allowed: tuple[str, ...]):
         if isinstance(array, torch.Tensor):
             if array.is_sparse or array.layout != torch.strided:
                 raise TypeError(f"{role} must be a strided tensor, got layout {array.layout}")
             self.device = array.device
+            self.array = array
             self.address = array.data_ptr()
             strides = array.stride()
         elif isinstance(array, np.ndarray):
             self.device = torch.device("cpu")
+            self.array = array
             self.address = array.ctypes.data
             strides = tuple(s // array.itemsize for s in array.strides)
         else:
@@ -96,7 +98,25 @@ class _Buffer:
             raise ValueError(f"{role} has overlapping rows (row stride {self.row_stride} < {self.shape[1]} columns)")
 
 
+def _device_readable(buffer: _Buffer) -> bool:
+    """Pinned host tensors are addressable by CUDA kernels through unified virtual addressing."""
+    return isinstance(buffer.array, torch.Tensor) and buffer.array.is_pinned()
+
+
 def _same_device(*buffers: _Buffer) -> torch.device:
+    """The one device all buffers live on; pinned host buffers count as the CUDA device's."""
+    cuda_devices = {b.device for b in buffers if b.device.type == "cuda"}
+    if len(cuda_devices) > 1:
+        raise ValueError(f"all arrays must be on one device, got {sorted(map(str, cuda_devices))}")
+    if cuda_devices:
+        device = cuda_devices.pop()
+        for b in buffers:
+            if b.device != device and not _device_readable(b):
+                raise ValueError(
+                    f"all arrays must be on one device, got {device} and {b.device} "
+                    "(host memory must be pinned for CUDA kernels to read it)"
+                )
+        return device
     device = buffers[0].device
     for b in buffers[1:]:
         if b.device != device:

@@ -1,0 +1,792 @@
+"""The prepared data behind an :class:`~annloader_gpu.AnnDataLoader`.
+
+A registry (scvi-tools' ``AnnDataManager`` or :func:`annloader_gpu.registry.setup_anndata`'s
+``AnnDataRegistry``, duck-typed) names the arrays a batch is made of. This module turns each
+registry key into a :class:`Field`, once, when the loader is built:
+
+* X (or a layer) and sparse obsm entries become a :class:`CsrStorage` (CSC is converted once with
+  :func:`annloader_gpu.kernels.csc_to_csr`); dense matrices, obs columns and covariate tables
+  become a :class:`DenseStorage` (C-contiguous ``(n_obs, k)``).
+* Storage is compact and lossless (:mod:`annloader_gpu.compact`): column indices as uint16 when
+  there are at most 65,536 columns, integer counts as uint8/uint16, float16 only when exact. The
+  compiled gathers decode while casting to the requested output dtype, so batches are identical
+  to those gathered from the original arrays.
+* Everything is validated here (shape against ``n_obs``, numeric dtype, CSR structure, column
+  range, canonical order), so the hot path calls the kernels with ``validate=False``. Row indices
+  are still bounds-checked by the compiled code.
+
+A field gathers a batch of row indices straight into an output array of the requested dtype.
+Storage arrays are numpy arrays (host) or torch tensors (``DenseStorage.to(device)``,
+``CsrStorage.to(device)``); :mod:`annloader_gpu.kernels` dispatches on the arrays' device, so the
+same :class:`Field` code serves the CPU and the GPU. Host outputs come from a
+:class:`BufferPool` that reuses a buffer only when nothing outside the pool references it.
+
+Storage is cached per source array (identity, shape and nnz are checked), so train, validation
+and test loaders over one AnnData share one prepared copy. In-place edits of a source array's
+values after a loader was built are not seen by loaders that use a converted copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import warnings
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from torch.utils.data import Dataset
+
+from . import kernels
+
+try:  # lossless compact storage (see annloader_gpu.compact)
+    from .compact import compact_index_dtype, compact_indptr_dtype, compact_value_dtype
+except ImportError:  # pragma: no cover - compact.py is part of the package
+    compact_index_dtype = compact_indptr_dtype = compact_value_dtype = None
+
+__all__ = [
+    "AnnDataset",
+    "BufferPool",
+    "CsrStorage",
+    "DenseStorage",
+    "Field",
+    "PreparedData",
+    "default_dtype",
+]
+
+# scvi-tools' registry_key_to_default_dtype: these keys are int64, everything else float32.
+_INT64_KEYS = frozenset({"batch", "labels", "extra_categorical_covs", "ind_x"})
+_MINIFY_TYPE_KEY = "minify_type"
+_KERNEL_OUTPUT_DTYPES = frozenset(np.dtype(n) for n in ("float32", "float64", "float16", "int64", "int32"))
+_KERNEL_VALUE_DTYPES = frozenset(np.dtype(n) for n in kernels.VALUE_DTYPES)
+_NUMPY_TO_TORCH = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.int64): torch.int64,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.int16): torch.int16,
+    np.dtype(np.int8): torch.int8,
+    np.dtype(np.uint8): torch.uint8,
+    np.dtype(np.uint16): torch.uint16,
+    np.dtype(np.bool_): torch.bool,
+}
+# Validation scans big index arrays in blocks so it never allocates a full-size temporary.
+_SCAN_BLOCK = 1 << 22
+
+
+def default_dtype(key: str) -> np.dtype:
+    """scvi-tools' default loading dtype for a registry key."""
+    return np.dtype(np.int64) if key in _INT64_KEYS else np.dtype(np.float32)
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    try:
+        return _NUMPY_TO_TORCH[np.dtype(dtype)]
+    except KeyError:
+        raise TypeError(f"no torch dtype for numpy dtype {dtype}") from None
+
+
+def _as_numpy_dtype(dtype: Any, key: str) -> np.dtype:
+    if isinstance(dtype, torch.dtype):
+        for np_dtype, t in _NUMPY_TO_TORCH.items():
+            if t == dtype:
+                return np_dtype
+        raise TypeError(f"data_and_attributes[{key!r}]: torch dtype {dtype} has no numpy equivalent")
+    try:
+        return np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"data_and_attributes[{key!r}]: {dtype!r} is not a dtype ({exc})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Output buffers
+
+
+def _refcount_at(items: list, i: int) -> int:
+    return sys.getrefcount(items[i])
+
+
+def _calibrate_refcount() -> int:
+    probe = [np.empty(1)]
+    return _refcount_at(probe, 0)
+
+
+class BufferPool:
+    """Reusable host output buffers.
+
+    Writing into freshly allocated memory is dominated by page faults (~3 GB/s against ~30 GB/s
+    into memory already touched), so host batches are gathered into buffers kept here. A buffer is
+    handed out again only when the pool holds the sole reference to it: a yielded
+    ``torch.from_numpy(buf)`` tensor, any view of it, and any numpy view of ``buf`` keep a
+    reference, so a consumer that keeps batches never sees them overwritten. At most
+    ``max_per_key`` buffers are kept per (shape, dtype); beyond that buffers are not pooled.
+    """
+
+    def __init__(self, max_per_key: int = 4):
+        self.max_per_key = int(max_per_key)
+        self._dense: dict[tuple, list[np.ndarray]] = {}
+        self._flat: dict[np.dtype, list[np.ndarray]] = {}
+        self._unreferenced = _calibrate_refcount()
+        self._lock = threading.Lock()
+
+    def _free_index(self, bucket: list[np.ndarray], capacity: int = -1) -> int:
+        for i in range(len(bucket)):
+            if _refcount_at(bucket, i) <= self._unreferenced and bucket[i].shape[0] >= capacity:
+                return i
+        return -1
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised C-contiguous array that nobody else references."""
+        key = (tuple(shape), np.dtype(dtype))
+        with self._lock:
+            bucket = self._dense.setdefault(key, [])
+            i = self._free_index(bucket)
+            if i >= 0:
+                return bucket[i]
+            buf = np.empty(shape, dtype)
+            if len(bucket) < self.max_per_key:
+                bucket.append(buf)
+            return buf
+
+    def empty_flat(self, n: int, dtype: np.dtype) -> np.ndarray:
+        """A 1-D array of length n: a view of a pooled buffer of at least that capacity."""
+        dtype = np.dtype(dtype)
+        with self._lock:
+            bucket = self._flat.setdefault(dtype, [])
+            i = self._free_index(bucket, n)
+            if i >= 0:
+                return bucket[i][:n]
+            buf = np.empty(max(n + n // 4, 1024), dtype)
+            if len(bucket) < self.max_per_key:
+                bucket.append(buf)
+            else:
+                small = self._free_index(bucket)  # an unreferenced buffer that is too small
+                if small >= 0:
+                    bucket[small] = buf
+            return buf[:n]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by pooled buffers."""
+        buckets = list(self._dense.values()) + list(self._flat.values())
+        return sum(b.nbytes for bucket in buckets for b in bucket)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._dense.clear()
+            self._flat.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Storage: the arrays a field gathers from, on one device
+
+
+def _is_host(array: Any) -> bool:
+    return isinstance(array, np.ndarray) or (isinstance(array, torch.Tensor) and array.device.type == "cpu")
+
+
+def _to_device(array: np.ndarray | torch.Tensor, device: torch.device, pin: bool = False) -> torch.Tensor:
+    tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
+    if pin:
+        return tensor.pin_memory()
+    return tensor.to(device)
+
+
+def _nbytes(array: np.ndarray | torch.Tensor) -> int:
+    if isinstance(array, np.ndarray):
+        return int(array.nbytes)
+    return int(array.numel() * array.element_size())
+
+
+class DenseStorage:
+    """A C-contiguous ``(n_rows, n_cols)`` array (numpy or torch, any device)."""
+
+    kind = "dense"
+
+    def __init__(self, values: np.ndarray | torch.Tensor, *, squeeze: bool = False):
+        self.values = values
+        self.n_rows, self.n_cols = (int(s) for s in values.shape)
+        self.squeeze = squeeze  # the source was 1-D: batches are (B,), as scvi-tools yields
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device if isinstance(self.values, torch.Tensor) else torch.device("cpu")
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.values)
+
+    @property
+    def value_dtype(self) -> str:
+        return kernels.dtype_name(self.values)
+
+    def to(self, device: torch.device | str, *, pin: bool = False) -> DenseStorage:
+        return DenseStorage(_to_device(self.values, torch.device(device), pin), squeeze=self.squeeze)
+
+
+class CsrStorage:
+    """CSR arrays (numpy or torch, any device) plus what sparse outputs need to mimic scipy."""
+
+    kind = "csr"
+
+    def __init__(self, indptr, indices, values, n_rows: int, n_cols: int, *, source_format: str = "csr",
+                 batch_index_dtype: np.dtype = np.dtype(np.int32)):
+        self.indptr, self.indices, self.values = indptr, indices, values
+        self.n_rows, self.n_cols = int(n_rows), int(n_cols)
+        self.source_format = source_format  # "csr" or "csc": the layout of sparse outputs
+        # Index dtype scipy gives a row slice of the source (sparse outputs use the same).
+        self.batch_index_dtype = np.dtype(batch_index_dtype)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device if isinstance(self.values, torch.Tensor) else torch.device("cpu")
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.indptr) + _nbytes(self.indices) + _nbytes(self.values)
+
+    @property
+    def bytes_per_nonzero(self) -> float:
+        return self.nbytes / max(self.nnz, 1)
+
+    @property
+    def value_dtype(self) -> str:
+        return kernels.dtype_name(self.values)
+
+    def to(self, device: torch.device | str, *, pin: bool = False) -> CsrStorage:
+        device = torch.device(device)
+        return CsrStorage(
+            _to_device(self.indptr, device, pin), _to_device(self.indices, device, pin),
+            _to_device(self.values, device, pin), self.n_rows, self.n_cols,
+            source_format=self.source_format, batch_index_dtype=self.batch_index_dtype,
+        )
+
+
+class HostFallbackStorage:
+    """A source the kernels cannot read (exotic dtypes): sliced with numpy/scipy as scvi-tools does."""
+
+    kind = "fallback"
+
+    def __init__(self, source: Any):
+        self.source = source
+        self.n_rows = int(source.shape[0])
+
+    device = torch.device("cpu")
+
+    @property
+    def nbytes(self) -> int:
+        if sp.issparse(self.source):
+            return int(self.source.data.nbytes + self.source.indices.nbytes + self.source.indptr.nbytes)
+        return int(np.asarray(self.source).nbytes)
+
+    def to(self, device, *, pin: bool = False) -> HostFallbackStorage:
+        return self  # gathered on the host, then copied
+
+
+# --------------------------------------------------------------------------------------------
+# Building storage from registry data, with validation
+
+
+def _numeric_kind(dtype: np.dtype) -> bool:
+    return dtype.kind in "biuf"
+
+
+def _require_numeric(dtype: np.dtype, where: str) -> None:
+    if not _numeric_kind(np.dtype(dtype)):
+        raise ValueError(f"{where} has dtype {dtype}; expected a real numeric (int, float or bool) dtype")
+
+
+def _storable(values: np.ndarray) -> np.ndarray:
+    """values in a lossless dtype the kernels read (compact when annloader_gpu.compact is there)."""
+    if compact_value_dtype is not None:
+        try:
+            target = compact_value_dtype(values)
+        except TypeError:
+            target = None
+        if target is not None and target in _KERNEL_VALUE_DTYPES:
+            return values.astype(target, copy=False)
+    if values.dtype in _KERNEL_VALUE_DTYPES:
+        return values
+    widen = {"b": np.uint8, "i": np.int64}.get(values.dtype.kind)
+    if values.dtype in (np.dtype(np.uint32),):
+        widen = np.int64
+    if widen is None:
+        raise TypeError(f"no lossless kernel dtype for {values.dtype}")
+    return values.astype(widen)
+
+
+def _check_compressed(indptr: np.ndarray, indices: np.ndarray, n_major: int, n_minor: int, where: str,
+                      fmt: str) -> None:
+    """Structure, index range and canonical order of a CSR (or CSC) matrix, in O(nnz) blocks."""
+    minor = "column" if fmt == "csr" else "row"
+    if indptr.ndim != 1 or len(indptr) != n_major + 1:
+        raise ValueError(f"{where} ({fmt.upper()}) has an indptr of length {len(indptr)}; expected {n_major + 1}")
+    if indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
+        raise ValueError(f"{where} ({fmt.upper()}) has non-integer index arrays ({indptr.dtype}, {indices.dtype})")
+    nnz = int(indptr[-1]) if len(indptr) else 0
+    if int(indptr[0]) != 0 or nnz > len(indices) or bool(np.any(indptr[1:] < indptr[:-1])):
+        raise ValueError(
+            f"{where} ({fmt.upper()}) has an indptr that is not non-decreasing from 0 to at most "
+            f"nnz={len(indices)}; the matrix is corrupt"
+        )
+    if nnz == 0:
+        return
+    starts = np.zeros(nnz + 1, dtype=bool)
+    starts[indptr[:-1][indptr[:-1] < nnz]] = True
+    for begin in range(0, nnz, _SCAN_BLOCK):
+        end = min(begin + _SCAN_BLOCK, nnz)
+        block = indices[begin:end]
+        lo, hi = int(block.min()), int(block.max())
+        if lo < 0 or hi >= n_minor:
+            raise ValueError(f"{where} ({fmt.upper()}) has {minor} indices outside [0, {n_minor}); the matrix is corrupt")
+        # Within a row, each index must be strictly larger than the previous one.
+        stop = min(end + 1, nnz)
+        nxt = indices[begin + 1:stop].astype(np.int64)
+        cur = block[: len(nxt)].astype(np.int64)
+        bad = (nxt <= cur) & ~starts[begin + 1:stop]
+        if bool(bad.any()):
+            raise ValueError(
+                f"{where} ({fmt.upper()}) is not in canonical format (unsorted or duplicate {minor} "
+                "indices within a row); fix a copy with .sum_duplicates() (which also sorts) or "
+                ".sort_indices(), and register that"
+            )
+
+
+def _scipy_slice_index_dtype(matrix: Any) -> np.dtype:
+    """The index dtype scipy gives a row slice of matrix (what scvi-tools' sparse tensors carry)."""
+    if matrix.shape[0] == 0:
+        return np.dtype(np.int32)
+    probe = matrix[np.array([0])]
+    return np.dtype(probe.indptr.dtype)
+
+
+def _sparse_storage(matrix: Any, where: str) -> CsrStorage | HostFallbackStorage:
+    fmt = matrix.format
+    if fmt not in ("csr", "csc"):
+        raise TypeError(f"{where} is a {fmt.upper()} sparse matrix; only CSR and CSC are supported (use .tocsr())")
+    _require_numeric(matrix.dtype, where)
+    n_rows, n_cols = (int(s) for s in matrix.shape)
+    indptr, indices, data = np.asarray(matrix.indptr), np.asarray(matrix.indices), np.asarray(matrix.data)
+    n_major, n_minor = (n_rows, n_cols) if fmt == "csr" else (n_cols, n_rows)
+    _check_compressed(indptr, indices, n_major, n_minor, where, fmt)
+    nnz = int(indptr[-1])
+    indices, data = indices[:nnz], data[:nnz]
+    index_dtype = _scipy_slice_index_dtype(matrix)
+    try:
+        data = _storable(data)
+    except TypeError:
+        return HostFallbackStorage(matrix)
+    if indptr.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+        indptr = indptr.astype(np.int64)
+    if indices.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+        indices = indices.astype(np.int64)
+    if fmt == "csc":
+        indptr, indices, data = kernels.csc_to_csr(indptr, indices, data, (n_rows, n_cols))
+    if compact_index_dtype is not None:
+        indices = indices.astype(compact_index_dtype(n_cols), copy=False)
+        indptr = indptr.astype(compact_indptr_dtype(nnz), copy=False)
+    return CsrStorage(np.ascontiguousarray(indptr), np.ascontiguousarray(indices), np.ascontiguousarray(data),
+                      n_rows, n_cols, source_format=fmt, batch_index_dtype=index_dtype)
+
+
+def _dense_storage(array: np.ndarray, where: str) -> DenseStorage | HostFallbackStorage:
+    if array.dtype == object:
+        try:
+            array = array.astype(np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} has non-numeric values (object dtype)") from None
+    _require_numeric(array.dtype, where)
+    if array.ndim not in (1, 2):
+        raise ValueError(f"{where} must be 1- or 2-dimensional, got shape {array.shape}")
+    squeeze = array.ndim == 1
+    if squeeze:
+        array = array.reshape(-1, 1)
+    try:
+        values = _storable(array.reshape(-1) if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(-1))
+    except TypeError:
+        return HostFallbackStorage(array.reshape(-1) if squeeze else array)
+    return DenseStorage(np.ascontiguousarray(values.reshape(array.shape)), squeeze=squeeze)
+
+
+def _source_identity(source: Any) -> tuple:
+    nnz = int(source.nnz) if sp.issparse(source) else -1
+    return (id(source), tuple(source.shape), nnz, getattr(source, "format", None), str(getattr(source, "dtype", "")))
+
+
+_STORAGE_CACHE: dict[tuple, tuple[weakref.ref, Any]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _cached_storage(source: Any, build) -> Any:
+    """Storage for source, shared while source is alive and unchanged (identity, shape, nnz)."""
+    try:
+        ref = weakref.ref(source)
+    except TypeError:
+        return build()
+    key = _source_identity(source)
+    with _CACHE_LOCK:
+        for stale in [k for k, (r, _) in _STORAGE_CACHE.items() if r() is None]:
+            del _STORAGE_CACHE[stale]
+        hit = _STORAGE_CACHE.get(key)
+        if hit is not None and hit[0]() is source:
+            return hit[1]
+    storage = build()
+    with _CACHE_LOCK:
+        _STORAGE_CACHE[key] = (ref, storage)
+    return storage
+
+
+def build_storage(data: Any, where: str, n_obs: int) -> DenseStorage | CsrStorage | HostFallbackStorage:
+    """Validated, compact storage for one registry entry (cached per source object)."""
+    if sp.issparse(data):
+        storage = _cached_storage(data, lambda: _sparse_storage(data, where))
+    elif isinstance(data, pd.DataFrame):
+        non_numeric = [str(c) for c, dt in data.dtypes.items() if not _numeric_dtype_like(dt)]
+        if non_numeric:
+            raise ValueError(f"{where} has non-numeric columns {non_numeric}")
+        storage = _dense_storage(data.to_numpy(), where)
+    elif isinstance(data, pd.Series):
+        storage = _dense_storage(data.to_numpy(), where)
+    elif isinstance(data, np.ndarray):
+        storage = _cached_storage(data, lambda: _dense_storage(data, where))
+    else:
+        raise TypeError(
+            f"{where} is a {type(data).__module__}.{type(data).__name__}; expected an in-memory numpy "
+            "array, pandas DataFrame or scipy CSR/CSC matrix (for backed AnnData, use adata.to_memory())"
+        )
+    if storage.n_rows != n_obs:
+        raise ValueError(f"{where} has {storage.n_rows} rows but the AnnData has n_obs={n_obs}")
+    return storage
+
+
+def _numeric_dtype_like(dtype: Any) -> bool:
+    return pd.api.types.is_bool_dtype(dtype) or (
+        pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Fields
+
+
+@contextlib.contextmanager
+def _quiet_sparse_constructors():
+    """torch warns that sparse CSR/CSC support is in beta on first use; scvi-tools users see it too."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*support is in beta.*")
+        yield
+
+
+class Field:
+    """One registry key: storage plus the output dtype and form (dense, or sparse tensor)."""
+
+    def __init__(self, key: str, storage, dtype: np.dtype, *, sparse_output: bool = False):
+        self.key = key
+        self.storage = storage
+        self.dtype = np.dtype(dtype)
+        sparse_source = storage.kind == "csr" or (storage.kind == "fallback" and sp.issparse(storage.source))
+        self.sparse_output = bool(sparse_output) and sparse_source
+        # The kernels write float32/64/16 and int32/64. Other requested dtypes (bool, uint8, int16,
+        # ...) are gathered exactly into float64/int64 (the storage is lossless) and then cast
+        # with numpy, which is what scvi-tools' astype does from the source.
+        if self.dtype in _KERNEL_OUTPUT_DTYPES or storage.kind == "fallback":
+            self.kernel_dtype = self.dtype
+        else:
+            stored_float = storage.value_dtype.startswith(("float", "bfloat"))
+            self.kernel_dtype = np.dtype(np.float64 if stored_float else np.int64)
+
+    @property
+    def shape_tail(self) -> tuple[int, ...]:
+        s = self.storage
+        if s.kind == "dense" and s.squeeze:
+            return ()
+        return (int(s.n_cols if s.kind != "fallback" else s.source.shape[1]),)
+
+    def to(self, device, *, pin: bool = False) -> Field:
+        return Field(self.key, self.storage.to(device, pin=pin), self.dtype, sparse_output=self.sparse_output)
+
+    # -- gathering -----------------------------------------------------------------------
+
+    def gather(self, rows: np.ndarray | torch.Tensor, pool: BufferPool | None, as_numpy: bool):
+        """The batch for rows: numpy (as_numpy, host only), a torch tensor, or a sparse tensor.
+
+        rows are int64, on the storage's device (a numpy array or CPU tensor for host storage).
+        """
+        if self.storage.kind == "fallback":
+            return self._gather_fallback(rows, as_numpy)
+        if self.sparse_output:
+            return self._gather_sparse(rows, pool)
+        s = self.storage
+        n = int(rows.shape[0])
+        exact = self.kernel_dtype == self.dtype
+        out = self._empty((n, s.n_cols), self.kernel_dtype, pool if exact else None, rows)
+        if s.kind == "csr":
+            kernels.gather_csr_to_dense(s.indptr, s.indices, s.values, s.n_cols, rows, out, validate=False)
+        else:
+            kernels.gather_dense(s.values, rows, out, validate=False)
+        if not exact:
+            out = out.to(torch_dtype(self.dtype)) if isinstance(out, torch.Tensor) else out.astype(self.dtype)
+        if s.kind == "dense" and s.squeeze:
+            out = out.reshape(n)
+        if as_numpy or isinstance(out, torch.Tensor):
+            return out
+        return torch.from_numpy(out)
+
+    @staticmethod
+    def _empty(shape, dtype: np.dtype, pool: BufferPool | None, rows):
+        if isinstance(rows, torch.Tensor) and rows.device.type != "cpu":
+            return torch.empty(shape, dtype=torch_dtype(dtype), device=rows.device)
+        if pool is None:
+            return np.empty(shape, dtype)
+        return pool.empty(shape, dtype)
+
+    def _gather_sparse(self, rows, pool: BufferPool | None) -> torch.Tensor:
+        s = self.storage
+        n = int(rows.shape[0])
+        size = (n, s.n_cols)
+        index_dtype = s.batch_index_dtype
+        if isinstance(rows, torch.Tensor) and rows.device.type != "cpu":
+            device = rows.device
+            indptr = torch.empty(n + 1, dtype=torch.int64, device=device)
+            kernels.csr_batch_indptr(s.indptr, rows, indptr, validate=False)
+            nnz = int(indptr[-1].item())  # the one synchronisation: the output size
+            indices = torch.empty(nnz, dtype=torch_dtype(index_dtype), device=device)
+            values = torch.empty(nnz, dtype=torch_dtype(self.kernel_dtype), device=device)
+            kernels.gather_csr_to_csr(s.indptr, s.indices, s.values, s.n_cols, rows, indptr, indices, values,
+                                      validate=False)
+            indptr = indptr.to(torch_dtype(index_dtype))
+            values = values.to(torch_dtype(self.dtype))
+            with _quiet_sparse_constructors():
+                batch = torch.sparse_csr_tensor(indptr, indices, values, size=size, check_invariants=False)
+                return batch.to_sparse_csc() if s.source_format == "csc" else batch
+        exact = self.kernel_dtype == self.dtype
+        if pool is not None:
+            indptr = pool.empty_flat(n + 1, index_dtype)
+        else:
+            indptr = np.empty(n + 1, index_dtype)
+        nnz = kernels.csr_batch_indptr(s.indptr, rows, indptr, validate=False)
+        indices = pool.empty_flat(nnz, index_dtype) if pool is not None else np.empty(nnz, index_dtype)
+        values = pool.empty_flat(nnz, self.dtype) if pool is not None and exact else np.empty(nnz, self.kernel_dtype)
+        kernels.gather_csr_to_csr(s.indptr, s.indices, s.values, s.n_cols, rows, indptr, indices, values,
+                                  validate=False)
+        if not exact:
+            values = values.astype(self.dtype)
+        with _quiet_sparse_constructors():
+            if s.source_format == "csc":
+                # A batch CSR is the CSC of its transpose: converting that gives the batch's CSC.
+                indptr, indices, values = kernels.csc_to_csr(indptr, indices, values, (s.n_cols, n),
+                                                             indptr_dtype=index_dtype)
+                maker = torch.sparse_csc_tensor
+            else:
+                maker = torch.sparse_csr_tensor
+            return maker(torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(values), size=size, check_invariants=False)
+
+    def _gather_fallback(self, rows, as_numpy: bool):
+        """scvi-tools' own slicing on the host, for sources the kernels cannot read."""
+        device = rows.device if isinstance(rows, torch.Tensor) else torch.device("cpu")
+        host_rows = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows
+        n_rows = self.storage.n_rows
+        if host_rows.size and (host_rows.min() < 0 or host_rows.max() >= n_rows):
+            bad = host_rows[(host_rows < 0) | (host_rows >= n_rows)][0]
+            raise IndexError(f"row index {bad} is out of range for {n_rows} rows")
+        sliced = self.storage.source[host_rows]
+        if sp.issparse(sliced):
+            sliced = sliced.astype(self.dtype, copy=False)
+            if self.sparse_output:
+                with _quiet_sparse_constructors():
+                    maker = torch.sparse_csc_tensor if sliced.format == "csc" else torch.sparse_csr_tensor
+                    out = maker(torch.from_numpy(sliced.indptr), torch.from_numpy(sliced.indices),
+                                torch.from_numpy(sliced.data), size=sliced.shape, check_invariants=False)
+                return out.to(device) if device.type != "cpu" else out
+            sliced = sliced.toarray()
+        else:
+            sliced = np.asarray(sliced).astype(self.dtype, copy=False)
+        if as_numpy:
+            return sliced
+        tensor = torch.as_tensor(sliced)
+        return tensor.to(device) if device.type != "cpu" else tensor
+
+
+# --------------------------------------------------------------------------------------------
+# PreparedData: all fields of one registry, on one device
+
+
+def _resolve_keys(registered: Sequence[str], data_and_attributes) -> dict[str, np.dtype]:
+    if isinstance(data_and_attributes, list):
+        keys = {key: default_dtype(key) for key in data_and_attributes}
+    elif isinstance(data_and_attributes, dict):
+        keys = {key: _as_numpy_dtype(dtype, key) for key, dtype in data_and_attributes.items()}
+    elif data_and_attributes is None:
+        keys = {key: default_dtype(key) for key in registered}
+    else:
+        raise ValueError("`data_and_attributes` must be a `list`, `dict`, or `None`")
+    unknown = [key for key in keys if key not in registered]
+    if unknown:
+        raise KeyError(
+            f"{', '.join(map(repr, unknown))} not found in the data registry; registered keys: {list(registered)}"
+        )
+    return keys
+
+
+def _where(manager: Any, key: str) -> str:
+    try:
+        loc = manager.data_registry[key]
+        name, attr_key = loc.attr_name, loc.attr_key
+    except Exception:  # noqa: BLE001 - only for the message
+        return f"registry key {key!r}"
+    return f"registry key {key!r} (adata.{name}" + (f"[{attr_key!r}]" if attr_key else "") + ")"
+
+
+class PreparedData:
+    """The fields of one registry, validated and stored compactly, on one device.
+
+    Parameters
+    ----------
+    adata_manager
+        scvi-tools' ``AnnDataManager`` or an :class:`~annloader_gpu.registry.AnnDataRegistry`.
+    data_and_attributes
+        As in scvi-tools: ``None`` (all registered keys, default dtypes), a list of keys, or a dict
+        mapping keys to dtypes.
+    load_sparse_tensor
+        Sparse fields yield torch sparse tensors with the source's layout instead of dense arrays.
+    """
+
+    def __init__(self, adata_manager: Any, data_and_attributes=None, load_sparse_tensor: bool = False, *,
+                 _fields: dict[str, Field] | None = None, _n_obs: int | None = None):
+        self.adata_manager = adata_manager
+        self.load_sparse_tensor = bool(load_sparse_tensor)
+        if _fields is not None:
+            self.fields, self.n_obs = _fields, int(_n_obs)
+            return
+        if getattr(adata_manager, "adata", None) is None:
+            raise ValueError("Please run ``register_fields`` on ``adata_manager`` first (its adata is None).")
+        registered = list(adata_manager.data_registry.keys())
+        keys = _resolve_keys(registered, data_and_attributes)
+        self.n_obs = int(adata_manager.adata.shape[0])
+        self.fields = {}
+        for key, dtype in keys.items():
+            data = adata_manager.get_from_registry(key)
+            if isinstance(data, str) and key == _MINIFY_TYPE_KEY:
+                continue  # scvi-tools' minified-data marker, not a tensor
+            storage = build_storage(data, _where(adata_manager, key), self.n_obs)
+            self.fields[key] = Field(key, storage, dtype, sparse_output=self.load_sparse_tensor)
+
+    @property
+    def keys_and_dtypes(self) -> dict[str, np.dtype]:
+        return {key: f.dtype for key, f in self.fields.items()}
+
+    @property
+    def device(self) -> torch.device:
+        devices = {f.storage.device for f in self.fields.values() if f.storage.kind != "fallback"}
+        return devices.pop() if len(devices) == 1 else torch.device("cpu")
+
+    def to(self, device: torch.device | str, *, pin: bool = False) -> PreparedData:
+        """The same fields with their storage on device (or pinned host memory with pin=True)."""
+        fields = {key: f.to(device, pin=pin) for key, f in self.fields.items()}
+        return PreparedData(self.adata_manager, load_sparse_tensor=self.load_sparse_tensor, _fields=fields,
+                            _n_obs=self.n_obs)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of all storage the fields use (shared storage counted once)."""
+        seen = {id(f.storage): f.storage.nbytes for f in self.fields.values()}
+        return int(sum(seen.values()))
+
+    @property
+    def x_bytes_per_nonzero(self) -> float | None:
+        """Resident bytes per stored non-zero of X (None when X is dense or not loaded)."""
+        f = self.fields.get("X")
+        if f is None or f.storage.kind != "csr":
+            return None
+        return f.storage.bytes_per_nonzero
+
+    def fetch(self, rows: np.ndarray | torch.Tensor, *, pool: BufferPool | None = None,
+              as_numpy: bool = False) -> dict[str, Any]:
+        """One batch: {key: gathered rows}. rows: int64 (host numpy, or a tensor on the fields' device)."""
+        return {key: f.gather(rows, pool, as_numpy) for key, f in self.fields.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# AnnDataset: what loader.dataset is (scvi-tools' Subset(AnnTorchDataset, indices))
+
+
+def normalize_indices(indices: Any, n_obs: int) -> np.ndarray:
+    """Observation indices as a new int64 array: ints, an int array, or a boolean mask."""
+    if indices is None:
+        return np.arange(n_obs, dtype=np.int64)
+    if isinstance(indices, torch.Tensor):
+        indices = indices.detach().cpu().numpy()
+    array = np.asarray(indices)
+    if array.ndim != 1:
+        raise ValueError(f"indices must be 1-dimensional, got shape {array.shape}")
+    if array.dtype == np.bool_:
+        if len(array) != n_obs:
+            raise IndexError(f"boolean indices have length {len(array)}; expected n_obs={n_obs}")
+        return np.flatnonzero(array).astype(np.int64)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"indices must be integers or a boolean mask, got dtype {array.dtype}")
+    array = array.astype(np.int64)  # always a copy: the caller's array is never touched
+    bad = (array < -n_obs) | (array >= n_obs)
+    if bool(bad.any()):
+        raise IndexError(
+            f"index {int(array[bad][0])} is out of range for an AnnData with n_obs={n_obs} "
+            f"(expected -{n_obs} <= index < {n_obs})"
+        )
+    array[array < 0] += n_obs
+    return array
+
+
+class AnnDataset(Dataset):
+    """Observations ``indices`` of prepared data, indexed by position like scvi's ``Subset``.
+
+    ``dataset[positions]`` returns the batch of observations ``indices[positions]`` as numpy arrays
+    (torch sparse tensors for sparse fields with ``load_sparse_tensor``), as scvi-tools'
+    ``AnnTorchDataset`` does.
+    """
+
+    def __init__(self, data: PreparedData, indices: np.ndarray | None = None):
+        self.data = data
+        self.indices = normalize_indices(indices, data.n_obs) if indices is None or not (
+            isinstance(indices, np.ndarray) and indices.dtype == np.int64) else indices
+        self.is_identity = bool(len(self.indices) == data.n_obs and np.array_equal(
+            self.indices, np.arange(data.n_obs)))
+        self.pool = BufferPool()
+
+    @property
+    def adata_manager(self):
+        return self.data.adata_manager
+
+    @property
+    def keys_and_dtypes(self):
+        return self.data.keys_and_dtypes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """Observation rows for dataset positions (int64)."""
+        if self.is_identity:
+            if positions.size and (positions.min() < 0 or positions.max() >= len(self.indices)):
+                positions = self.indices[positions]  # numpy's IndexError / wrap-around semantics
+            return positions
+        return self.indices[positions]
+
+    def __getitem__(self, positions) -> Mapping[str, Any]:
+        if isinstance(positions, (int, np.integer)):
+            positions = [int(positions)]
+        if isinstance(positions, slice):
+            positions = np.arange(len(self.indices))[positions]
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        return self.data.fetch(self.rows(positions), pool=None, as_numpy=True)

@@ -1,0 +1,345 @@
+"""``AnnDataLoader``: a drop-in replacement for ``scvi.dataloaders.AnnDataLoader``.
+
+Same signature, defaults and batches as scvi-tools' loader (a ``torch.utils.data.DataLoader``
+subclass whose batches are dicts keyed by data-registry keys), but the registered fields are
+prepared once (:class:`~annloader_gpu.dataset.PreparedData`) and each batch is gathered by the
+compiled kernels straight into its output arrays: the multi-threaded C++ core on the CPU, the
+CUDA kernels when the data is resident on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data._utils.collate import default_convert
+
+from ._cuda_module import CudaUnavailableError, gpu_usable, require_cuda_module
+from .dataset import AnnDataset, PreparedData, normalize_indices
+
+__all__ = ["AnnDataLoader", "RESIDENCIES", "DEVICE_MEMORY_BUDGET"]
+
+RESIDENCIES = ("auto", "device", "pinned", "host")
+#: residency="auto" keeps data in GPU memory when it needs at most this fraction of the free memory.
+DEVICE_MEMORY_BUDGET = 0.5
+
+# DataLoader options that only mean something with worker processes.
+_WORKER_ONLY_OPTIONS = ("persistent_workers", "prefetch_factor", "multiprocessing_context")
+# Extras for distributed_sampler=True, passed to BatchDistributedSampler (scvi-tools takes them
+# from the initialised process group only).
+_DISTRIBUTED_OPTIONS = ("num_replicas", "rank", "seed")
+
+
+def _identity(batch):
+    return batch
+
+
+def resolve_device(device: Any, *, iter_ndarray: bool = False) -> torch.device:
+    """The device batches are yielded on: "cuda" by default when the GPU path is usable."""
+    if device is None:
+        return torch.device("cuda") if gpu_usable() and not iter_ndarray else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r} ({exc})") from None
+    if resolved.type == "cuda":
+        require_cuda_module()  # CudaUnavailableError saying why
+        if not torch.cuda.is_available():
+            raise CudaUnavailableError(
+                f"device={device!r}: annloader_gpu has CUDA kernels but this torch build "
+                f"({torch.__version__}) cannot use CUDA; install a CUDA build of torch or use device='cpu'"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise CudaUnavailableError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) found")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device must be a CPU or CUDA device, got {resolved}")
+    return resolved
+
+
+def resolve_residency(residency: Any, device: torch.device, bytes_needed: int) -> str:
+    """Where the prepared data lives: "host" on the CPU; on a GPU "device" or "host" ("auto")."""
+    if residency not in RESIDENCIES:
+        raise ValueError(f"residency must be one of {', '.join(map(repr, RESIDENCIES))}, got {residency!r}")
+    if device.type == "cpu":
+        if residency not in ("auto", "host"):
+            raise ValueError(
+                f"residency={residency!r} needs a CUDA device; with device='cpu' the data stays in host "
+                "memory (use residency='auto' or 'host')"
+            )
+        return "host"
+    if residency == "pinned":
+        raise NotImplementedError(
+            "residency='pinned' (kernels reading page-locked host memory) is not available yet; "
+            "use residency='device' or 'host'"
+        )
+    if residency == "host":
+        return "host"
+    free, _total = torch.cuda.mem_get_info(device)
+    if residency == "device":
+        if bytes_needed > free:
+            raise RuntimeError(
+                f"residency='device' needs {bytes_needed} bytes of GPU memory but {free} bytes are free on "
+                f"{device}; use residency='host'"
+            )
+        return "device"
+    return "device" if bytes_needed <= DEVICE_MEMORY_BUDGET * free else "host"
+
+
+class AnnDataLoader(DataLoader):
+    """DataLoader for batches of registered AnnData fields, gathered by compiled kernels.
+
+    Parameters are those of ``scvi.dataloaders.AnnDataLoader``:
+
+    adata_manager
+        scvi-tools' ``AnnDataManager`` or an :class:`~annloader_gpu.registry.AnnDataRegistry`.
+    indices
+        Observations to load: ints (negative ones count from the end), an int array, or a boolean
+        mask of length ``n_obs``. Out of range raises IndexError. Default: all.
+    batch_size
+        Minibatch size (per replica with ``distributed_sampler``). Must be positive.
+    shuffle
+        Shuffle the observations every epoch; seed it with DataLoader's ``generator`` argument.
+    sampler
+        A sampler whose items are batches of dataset positions (lists or arrays of ints). As in
+        scvi-tools, DataLoader then collates each item with ``batch_size=1``, so batches carry a
+        leading dimension of 1.
+    drop_last
+        Drop the last incomplete batch.
+    drop_dataset_tail
+        With ``distributed_sampler``: drop the dataset tail instead of padding it so that it divides
+        evenly between replicas.
+    data_and_attributes
+        ``None`` (all registered keys), a list of keys (default dtypes: int64 for batch, labels,
+        extra_categorical_covs and ind_x, float32 otherwise) or a dict {key: dtype}.
+    iter_ndarray
+        Yield numpy arrays instead of torch tensors (host only).
+    distributed_sampler
+        Use :class:`~annloader_gpu.sampler.BatchDistributedSampler`. World size and rank come from
+        the initialised process group, or (an extension) from ``num_replicas=``, ``rank=`` and
+        ``seed=`` keyword arguments.
+    load_sparse_tensor
+        Yield sparse fields as torch sparse tensors with the source's layout (CSR or CSC).
+    **kwargs
+        Passed to ``torch.utils.data.DataLoader``. ``num_workers > 0`` is accepted with a warning:
+        batches are gathered in-process by the multi-threaded compiled core.
+
+    Keyword-only extras:
+
+    device
+        Where batches are yielded: "cpu", "cuda", "cuda:1" or a torch.device. Default: "cuda"
+        when annloader_gpu's GPU path is usable, else "cpu".
+    residency
+        Where the prepared data lives when device is a GPU: "device" (GPU memory), "pinned",
+        "host" (gathered on the CPU, then copied), or "auto". On the CPU only "auto" and "host".
+    """
+
+    def __init__(
+        self,
+        adata_manager: Any,
+        indices: Any = None,
+        batch_size: int = 128,
+        shuffle: bool = False,
+        sampler: Sampler | None = None,
+        drop_last: bool = False,
+        drop_dataset_tail: bool = False,
+        data_and_attributes: list[str] | dict[str, Any] | None = None,
+        iter_ndarray: bool = False,
+        distributed_sampler: bool = False,
+        load_sparse_tensor: bool = False,
+        *,
+        device: Any = None,
+        residency: str = "auto",
+        **kwargs,
+    ):
+        # --- everything that can be checked before touching the data -----------------------
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+            raise ValueError(f"batch_size should be a positive integer value, but got batch_size={batch_size!r}")
+        batch_size = int(batch_size)
+        if sampler is not None and distributed_sampler:
+            raise ValueError("Cannot specify both `sampler` and `distributed_sampler`.")
+        if residency not in RESIDENCIES:
+            raise ValueError(f"residency must be one of {', '.join(map(repr, RESIDENCIES))}, got {residency!r}")
+        self.device = resolve_device(device, iter_ndarray=iter_ndarray)
+        if iter_ndarray and self.device.type != "cpu":
+            raise ValueError("iter_ndarray=True yields host numpy arrays; use device='cpu' (or leave device unset)")
+        try:
+            from .registry import as_registry
+        except ImportError:  # pragma: no cover - registry.py is part of the package
+            as_registry = None
+        if as_registry is not None:
+            adata_manager = as_registry(adata_manager)
+        n_obs = int(adata_manager.adata.shape[0])
+        self.indices = normalize_indices(indices, n_obs)
+
+        # --- the data, prepared once -------------------------------------------------------
+        prepared = PreparedData(adata_manager, data_and_attributes, load_sparse_tensor)
+        self.residency = resolve_residency(residency, self.device, prepared.resident_bytes)
+        if self.residency == "device":
+            prepared = prepared.to(self.device)
+        self.dataset = AnnDataset(prepared, self.indices)
+        self._iter_ndarray = bool(iter_ndarray)
+
+        # --- DataLoader options, as scvi-tools passes them ----------------------------------
+        kwargs.setdefault("num_workers", 0)
+        kwargs.setdefault("persistent_workers", False)
+        self._requested_num_workers = kwargs["num_workers"]
+        if isinstance(kwargs["num_workers"], int) and kwargs["num_workers"] > 0:
+            ignored = [name for name in _WORKER_ONLY_OPTIONS if kwargs.get(name) not in (None, False)]
+            warnings.warn(
+                f"num_workers={kwargs['num_workers']} ignored: annloader_gpu gathers each batch in-process "
+                "with its multi-threaded compiled core (set the thread count with "
+                "annloader_gpu.set_num_threads), so the loader uses num_workers=0"
+                + (f"; also ignored: {', '.join(ignored)}" if ignored else ""),
+                UserWarning,
+                stacklevel=2,
+            )
+            kwargs["num_workers"] = 0
+            for name in _WORKER_ONLY_OPTIONS:
+                kwargs.pop(name, None)
+            kwargs["persistent_workers"] = False
+        distributed_options = {name: kwargs.pop(name) for name in _DISTRIBUTED_OPTIONS if name in kwargs}
+        if distributed_options and not distributed_sampler:
+            raise TypeError(
+                f"{', '.join(distributed_options)} only apply with distributed_sampler=True"
+            )
+        self.kwargs = copy.deepcopy(kwargs)
+
+        self._default_sampler: BatchSampler | None = None
+        if sampler is None:
+            if not distributed_sampler:
+                if shuffle:
+                    inner = RandomSampler(self.dataset, generator=kwargs.get("generator"))
+                else:
+                    inner = SequentialSampler(self.dataset)
+                sampler = BatchSampler(sampler=inner, batch_size=batch_size, drop_last=drop_last)
+                self._default_sampler = sampler
+            else:
+                from .sampler import BatchDistributedSampler
+
+                sampler = BatchDistributedSampler(
+                    self.dataset,
+                    batch_size=batch_size,
+                    drop_last=drop_last,
+                    drop_dataset_tail=drop_dataset_tail,
+                    shuffle=shuffle,
+                    **distributed_options,
+                )
+            # The sampler yields whole batches: no automatic batching.
+            self.kwargs.update({"batch_size": None, "shuffle": False})
+        self.kwargs.update({"sampler": sampler})
+        if iter_ndarray:
+            self.kwargs.update({"collate_fn": _identity})
+        super().__init__(self.dataset, **self.kwargs)
+
+    # --- what the data costs -------------------------------------------------------------
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of prepared data this loader gathers from (shared with loaders over the same data)."""
+        return self.dataset.data.resident_bytes
+
+    @property
+    def bytes_per_nonzero(self) -> float | None:
+        """Resident bytes per non-zero of a sparse X (None when X is dense or not loaded)."""
+        return self.dataset.data.x_bytes_per_nonzero
+
+    # --- iteration -----------------------------------------------------------------------
+
+    def __iter__(self) -> _BatchIterator:
+        return _BatchIterator(self)
+
+
+class _BatchIterator:
+    """Yields the loader's batches, bypassing DataLoader's fetcher (one gather per field)."""
+
+    def __init__(self, loader: AnnDataLoader):
+        self._loader = loader
+        self._length = len(loader)
+        # DataLoader's single-process iterator draws a base seed from the loader's generator
+        # (the global RNG by default) before sampling; doing the same keeps shuffling identical
+        # to scvi-tools' loader under torch.manual_seed.
+        torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
+        self._batches = self._position_batches()
+        dataset = loader.dataset
+        self._dataset = dataset
+        self._device = loader.device
+        self._gpu_rows = dataset.data.device.type == "cuda"
+        self._pool = dataset.pool if not self._gpu_rows else None
+        collate = loader.collate_fn
+        self._mode = "tensor" if collate is default_convert else ("ndarray" if collate is _identity else "custom")
+        self._pin = bool(loader.pin_memory) and self._device.type == "cpu" and torch.cuda.is_available()
+
+    def __iter__(self) -> _BatchIterator:
+        return self
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _position_batches(self):
+        loader = self._loader
+        sampler = loader._index_sampler
+        if sampler is loader._default_sampler and sampler is not None:
+            inner = sampler.sampler
+            n = len(loader.dataset)
+            if type(inner) is SequentialSampler:
+                order = None
+            elif type(inner) is RandomSampler and not inner.replacement and len(inner) == n:
+                # Consumes the RNG exactly as iterating the sampler does.
+                order = np.fromiter(iter(inner), dtype=np.int64, count=n)
+            else:
+                order = False
+            if order is not False:
+                size, drop = sampler.batch_size, sampler.drop_last
+                stop = (n // size) * size if drop else n
+                for start in range(0, stop, size):
+                    end = min(start + size, n)
+                    yield np.arange(start, end, dtype=np.int64) if order is None else order[start:end]
+                return
+        yield from sampler
+
+    def _rows(self, item) -> np.ndarray:
+        """Observation rows (int64) for one sampler item: positions into the dataset."""
+        if isinstance(item, torch.Tensor):
+            item = item.detach().cpu().numpy()
+        if isinstance(item, (int, np.integer)):
+            item = [int(item)]
+        positions = np.asarray(item)
+        if positions.dtype != np.int64:
+            if positions.size and positions.dtype.kind not in "iu":
+                raise TypeError(f"sampler yielded {positions.dtype} positions; expected integers")
+            positions = positions.astype(np.int64)
+        return self._dataset.rows(positions.reshape(-1))
+
+    def _fetch(self, item, as_numpy: bool) -> dict[str, Any]:
+        rows = self._rows(item)
+        if self._gpu_rows:
+            rows = torch.from_numpy(rows).to(self._device)
+        return self._dataset.data.fetch(rows, pool=self._pool, as_numpy=as_numpy)
+
+    def _to_output_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self._device.type != "cpu" and not self._gpu_rows:  # residency="host" on a GPU
+            return {key: value.to(self._device) for key, value in batch.items()}
+        if self._pin:
+            from torch.utils.data._utils.pin_memory import pin_memory
+
+            return pin_memory(batch)
+        return batch
+
+    def __next__(self) -> Any:
+        item = next(self._batches)
+        loader = self._loader
+        if loader._auto_collation:
+            # A user sampler: DataLoader groups its items (batch_size=1 by default) and collates
+            # the per-item batches, exactly as it does for scvi-tools' loader.
+            batch = loader.collate_fn([self._fetch(sub, as_numpy=not self._gpu_rows) for sub in item])
+            return self._to_output_device(batch) if isinstance(batch, dict) else batch
+        if self._mode == "tensor":
+            return self._to_output_device(self._fetch(item, as_numpy=False))
+        batch = self._fetch(item, as_numpy=not self._gpu_rows)
+        if self._mode == "ndarray":
+            return batch
+        return loader.collate_fn(batch)

@@ -198,6 +198,18 @@ def _to_device(array: np.ndarray | torch.Tensor, device: torch.device, pin: bool
     return tensor.to(device)
 
 
+def _placed_copy(storage: Any, device: torch.device, pin: bool, build) -> Any:
+    """storage placed on device (or pinned), shared by every caller while someone holds it."""
+    placed = storage.__dict__.setdefault("_placed", {})
+    key = (str(device), bool(pin))
+    ref = placed.get(key)
+    copy_ = ref() if ref is not None else None
+    if copy_ is None:
+        copy_ = build()
+        placed[key] = weakref.ref(copy_)
+    return copy_
+
+
 def _nbytes(array: np.ndarray | torch.Tensor) -> int:
     if isinstance(array, np.ndarray):
         return int(array.nbytes)
@@ -227,7 +239,11 @@ class DenseStorage:
         return kernels.dtype_name(self.values)
 
     def to(self, device: torch.device | str, *, pin: bool = False) -> DenseStorage:
-        return DenseStorage(_to_device(self.values, torch.device(device), pin), squeeze=self.squeeze)
+        device = torch.device(device)
+        if device.type == "cpu" and not pin:
+            return self
+        return _placed_copy(self, device, pin,
+                            lambda: DenseStorage(_to_device(self.values, device, pin), squeeze=self.squeeze))
 
 
 class CsrStorage:
@@ -265,11 +281,13 @@ class CsrStorage:
 
     def to(self, device: torch.device | str, *, pin: bool = False) -> CsrStorage:
         device = torch.device(device)
-        return CsrStorage(
+        if device.type == "cpu" and not pin:
+            return self
+        return _placed_copy(self, device, pin, lambda: CsrStorage(
             _to_device(self.indptr, device, pin), _to_device(self.indices, device, pin),
             _to_device(self.values, device, pin), self.n_rows, self.n_cols,
             source_format=self.source_format, batch_index_dtype=self.batch_index_dtype,
-        )
+        ))
 
 
 class HostFallbackStorage:

@@ -61,7 +61,11 @@ def resolve_device(device: Any, *, iter_ndarray: bool = False) -> torch.device:
 
 
 def resolve_residency(residency: Any, device: torch.device, bytes_needed: int) -> str:
-    """Where the prepared data lives: "host" on the CPU; on a GPU "device" or "host" ("auto")."""
+    """Where the prepared data lives: "host" on the CPU; on a GPU "device", "pinned" or "host".
+
+    "auto" picks "device" when the data needs at most DEVICE_MEMORY_BUDGET of the free GPU
+    memory, else "pinned" (page-locked host memory the kernels read through unified addressing).
+    """
     if residency not in RESIDENCIES:
         raise ValueError(f"residency must be one of {', '.join(map(repr, RESIDENCIES))}, got {residency!r}")
     if device.type == "cpu":
@@ -71,22 +75,34 @@ def resolve_residency(residency: Any, device: torch.device, bytes_needed: int) -
                 "memory (use residency='auto' or 'host')"
             )
         return "host"
-    if residency == "pinned":
-        raise NotImplementedError(
-            "residency='pinned' (kernels reading page-locked host memory) is not available yet; "
-            "use residency='device' or 'host'"
-        )
-    if residency == "host":
-        return "host"
+    if residency in ("host", "pinned"):
+        return residency
     free, _total = torch.cuda.mem_get_info(device)
     if residency == "device":
         if bytes_needed > free:
             raise RuntimeError(
                 f"residency='device' needs {bytes_needed} bytes of GPU memory but {free} bytes are free on "
-                f"{device}; use residency='host'"
+                f"{device}; use residency='pinned' (kernels read page-locked host memory) or 'host'"
             )
         return "device"
-    return "device" if bytes_needed <= DEVICE_MEMORY_BUDGET * free else "host"
+    return "device" if bytes_needed <= DEVICE_MEMORY_BUDGET * free else "pinned"
+
+
+def place(prepared: PreparedData, device: torch.device, residency: str, requested: str) -> tuple[PreparedData, str]:
+    """prepared moved where residency says; "auto" falls back from pinned to host if pinning fails."""
+    if residency == "host":
+        return prepared, residency
+    try:
+        return prepared.to(device, pin=residency == "pinned"), residency
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        if requested == "auto" and residency == "pinned":
+            return prepared, "host"
+        free = torch.cuda.mem_get_info(device)[0] if residency == "device" else None
+        raise RuntimeError(
+            f"could not place {prepared.resident_bytes} bytes with residency={residency!r} on {device}"
+            + (f" ({free} bytes of GPU memory free)" if free is not None else "")
+            + f": {exc}; try residency='pinned' or 'host'"
+        ) from exc
 
 
 class AnnDataLoader(DataLoader):
@@ -178,8 +194,7 @@ class AnnDataLoader(DataLoader):
         # --- the data, prepared once -------------------------------------------------------
         prepared = PreparedData(adata_manager, data_and_attributes, load_sparse_tensor)
         self.residency = resolve_residency(residency, self.device, prepared.resident_bytes)
-        if self.residency == "device":
-            prepared = prepared.to(self.device)
+        prepared, self.residency = place(prepared, self.device, self.residency, residency)
         self.dataset = AnnDataset(prepared, self.indices)
         self._iter_ndarray = bool(iter_ndarray)
 
@@ -267,7 +282,8 @@ class _BatchIterator:
         dataset = loader.dataset
         self._dataset = dataset
         self._device = loader.device
-        self._gpu_rows = dataset.data.device.type == "cuda"
+        # With the data in GPU memory or pinned host memory, the CUDA kernels gather on the device.
+        self._gpu_rows = loader.residency in ("device", "pinned")
         self._pool = dataset.pool if not self._gpu_rows else None
         collate = loader.collate_fn
         self._mode = "tensor" if collate is default_convert else ("ndarray" if collate is _identity else "custom")

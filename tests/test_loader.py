@@ -466,7 +466,7 @@ gpu = pytest.mark.skipif(not annloader_gpu.gpu_usable() or not torch.cuda.is_ava
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("x_format", ["csr", "csc", "dense"])
-@pytest.mark.parametrize("residency", ["device", "host"])
+@pytest.mark.parametrize("residency", ["device", "pinned", "host"])
 @pytest.mark.parametrize("load_sparse_tensor", [False, True])
 def test_gpu_batches_equal_cpu_batches(x_format, residency, load_sparse_tensor):
     from annloader_gpu.registry import setup_anndata
@@ -479,6 +479,9 @@ def test_gpu_batches_equal_cpu_batches(x_format, residency, load_sparse_tensor):
     actual = list(loader)
     assert all(v.device.type == "cuda" for b in actual for v in b.values())
     assert_batches_equal(expected, [{k: v.cpu() for k, v in b.items()} for b in actual])
+    if residency != "host":  # a second loader over the same data shares the placed copy
+        other = AnnDataLoader(registry, device="cuda", residency=residency, batch_size=4)
+        assert other.dataset.data.fields["X"].storage is loader.dataset.data.fields["X"].storage
 
 
 @pytest.mark.gpu

@@ -1,0 +1,436 @@
+"""Multi-process (torchrun / DDP) helpers: per-rank devices, world discovery, sharded residency.
+
+Under ``torchrun`` every process (rank) builds its own loader. Two layouts are offered by
+:func:`distributed_loader`:
+
+``residency="auto" | "device" | "host"`` (replicated, the default)
+    Every rank prepares the whole registered data on its own device and draws its batches with
+    :class:`~annloader_gpu.sampler.BatchDistributedSampler` (scvi-tools' semantics): each epoch
+    one global permutation of all rows, seeded by ``seed + epoch`` and therefore identical on
+    every rank, is padded (or its tail dropped, ``drop_dataset_tail=True``) to a multiple of the
+    world size and dealt round-robin to the ranks. Statistically this is global shuffling.
+
+``residency="sharded"``
+    Each rank prepares (and uploads) only a fixed, seeded random partition of the rows — about
+    ``1 / world_size`` of them — so the data set may be ``world_size`` times larger than one
+    device holds. Each epoch every rank shuffles *its own* partition (seeded by
+    ``(seed, epoch, rank)``) and yields batches from it (:class:`ShardedBatchSampler`).
+
+    Statistical difference from global shuffling: across ranks an epoch still visits every row
+    exactly once (up to the same padding/dropping of at most ``world_size - 1`` rows that the
+    replicated sampler does), and each rank's batches are uniform samples of its partition.
+    But the partition is fixed for the whole run: the rows that share a rank's batch — and hence
+    a DDP step's per-rank gradient — are always drawn from the same ``1 / world_size`` of the
+    data, while with global shuffling any two rows can meet in a batch. Because the partition is
+    uniformly random (not by sample, batch or file order), each rank's partition is an unbiased
+    sample of the data and the all-reduced gradient of a step is an unbiased estimate of the full
+    gradient, like with global shuffling; what changes is the joint distribution of batches (a
+    stratified rather than a simple random sample, which if anything lowers the variance of the
+    averaged gradient), and any per-rank state computed from batches (e.g. un-synchronised batch
+    norm statistics) sees only its partition. In practice this is the layout of most sharded
+    large-scale loaders (WebDataset, Mosaic streaming without global shuffle); for small data
+    sets, or models with per-rank batch statistics, prefer the replicated layout.
+
+    No re-partitioning between epochs: moving rows between ranks would need either every rank to
+    keep (or re-read) the whole matrix on the host, or an all-to-all exchange of ragged CSR rows
+    between devices followed by rebuilding each rank's compact storage — the host round trip, or
+    a device-side equivalent of it, that sharding is there to avoid. The partition depends only
+    on ``seed``; pass a different ``seed`` to a new run for a different partition.
+
+Batches per epoch are equal on every rank in both layouts (a mismatch would hang DDP's
+all-reduce); :func:`distributed_loader` checks this across the process group when one is
+initialised.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from .loader import AnnDataLoader
+
+__all__ = [
+    "SHARDED",
+    "ShardedAnnDataLoader",
+    "ShardedBatchSampler",
+    "RowSubsetRegistry",
+    "distributed_loader",
+    "init_distributed",
+    "local_device",
+    "partition_positions",
+    "world_info",
+]
+
+#: Residency values accepted by :func:`distributed_loader` besides the loader's own.
+SHARDED = "sharded"
+
+
+# --------------------------------------------------------------------------------------------
+# World and device discovery
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def world_info(num_replicas: int | None = None, rank: int | None = None) -> tuple[int, int, int]:
+    """``(world_size, rank, local_rank)``.
+
+    Explicit ``num_replicas``/``rank`` win; then the initialised process group; then torchrun's
+    ``WORLD_SIZE``/``RANK`` environment variables; else a single process ``(1, 0, 0)``.
+    ``local_rank`` comes from ``LOCAL_RANK`` (default: ``rank`` on one node, else 0).
+    """
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size() if num_replicas is None else num_replicas
+        this = dist.get_rank() if rank is None else rank
+    else:
+        world = _env_int("WORLD_SIZE") if num_replicas is None else num_replicas
+        this = _env_int("RANK") if rank is None else rank
+        world = 1 if world is None else world
+        this = 0 if this is None else this
+    if isinstance(world, bool) or not isinstance(world, (int, np.integer)) or world < 1:
+        raise ValueError(f"num_replicas must be a positive integer, got {world!r}")
+    if isinstance(this, bool) or not isinstance(this, (int, np.integer)) or not 0 <= this < world:
+        raise ValueError(f"rank must be an integer in [0, {world - 1}], got {this!r}")
+    local = _env_int("LOCAL_RANK")
+    if local is None:
+        local_world = _env_int("LOCAL_WORLD_SIZE")
+        local = this if local_world in (None, world) else 0
+    return int(world), int(this), int(local)
+
+
+def local_device(device: Any = None) -> torch.device:
+    """The device this rank should load onto.
+
+    ``device`` given: returned as a ``torch.device``. Otherwise, when annloader_gpu's GPU path is
+    usable: the device chosen with ``torch.cuda.set_device`` if one other than 0 was chosen, else
+    ``cuda:LOCAL_RANK`` (modulo the visible device count, so one visible GPU per rank — e.g.
+    ``CUDA_VISIBLE_DEVICES`` set per rank — gives ``cuda:0``). Without a usable GPU: ``cpu``.
+    """
+    if device is not None:
+        return torch.device(device)
+    from ._cuda_module import gpu_usable
+
+    if not (torch.cuda.is_available() and gpu_usable()):
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if torch.cuda.is_initialized() and torch.cuda.current_device() != 0:
+        return torch.device("cuda", torch.cuda.current_device())
+    _world, _rank, local = world_info()
+    return torch.device("cuda", local % count)
+
+
+def init_distributed(backend: str | None = None, device: Any = None, **kwargs) -> torch.device:
+    """Initialise the default process group for this rank (if needed) and return its device.
+
+    The backend follows the device: ``nccl`` for CUDA, ``gloo`` for the CPU. For CUDA the device
+    is made current (``torch.cuda.set_device``) before the group is created, so NCCL binds each
+    rank to its own GPU. ``kwargs`` go to ``torch.distributed.init_process_group`` (its default
+    ``init_method="env://"`` reads torchrun's environment).
+    """
+    dev = local_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda" and backend == "nccl":
+            kwargs.setdefault("device_id", dev)
+        dist.init_process_group(backend=backend, **kwargs)
+    return dev
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded sampling
+
+
+def partition_positions(n: int, num_replicas: int, rank: int, seed: int = 0) -> np.ndarray:
+    """Positions (sorted int64) of rank ``rank``'s share of ``n`` rows.
+
+    One permutation of ``range(n)``, seeded by ``seed`` only (so every rank computes the same
+    one without communicating), dealt round-robin: ranks below ``n % num_replicas`` get
+    ``ceil(n / num_replicas)`` rows, the others ``floor``. The partitions are disjoint and
+    cover all rows.
+    """
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x5A4D])))
+    perm = rng.permutation(n).astype(np.int64)
+    return np.sort(perm[rank::num_replicas])
+
+
+class ShardedBatchSampler(Sampler[np.ndarray]):
+    """Batches of positions within this rank's partition, reshuffled every epoch.
+
+    Parameters
+    ----------
+    partition_size
+        Rows this rank holds (positions ``0 .. partition_size - 1`` of its sharded dataset).
+    n_total
+        Rows over all ranks (the sum of the partition sizes).
+    batch_size, drop_last, drop_dataset_tail, shuffle, seed
+        As :class:`~annloader_gpu.sampler.BatchDistributedSampler`: each rank yields
+        ``num_samples`` positions per epoch, ``n_total // world`` with ``drop_dataset_tail``
+        (a rank holding one more row leaves out a different random one each epoch), else
+        ``ceil(n_total / world)`` (a rank holding one row fewer repeats the first position of
+        its epoch order), cut into batches of ``batch_size`` (the last one dropped when
+        incomplete with ``drop_last``). So every rank yields ``len(self)`` batches, and across
+        ranks an epoch visits each row exactly once when ``world`` divides ``n_total``.
+    num_replicas, rank
+        World size and rank (from the process group when omitted).
+    """
+
+    def __init__(
+        self,
+        partition_size: int,
+        n_total: int,
+        batch_size: int = 128,
+        drop_last: bool = False,
+        drop_dataset_tail: bool = False,
+        *,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        world, this, _local = world_info(num_replicas, rank)
+        lo, hi = n_total // world, -(-n_total // world)
+        if partition_size not in (lo, hi):
+            raise ValueError(
+                f"partition_size={partition_size} does not fit n_total={n_total} over {world} ranks "
+                f"(expected {lo} or {hi})"
+            )
+        if not drop_dataset_tail and partition_size == 0 and n_total > 0:
+            raise ValueError(
+                f"{n_total} rows cannot be sharded over {world} ranks without drop_dataset_tail=True: "
+                f"rank {this} holds no row to pad with"
+            )
+        self.partition_size = int(partition_size)
+        self.n_total = int(n_total)
+        self.batch_size = int(batch_size)
+        self.drop_last_batch = bool(drop_last)
+        self.drop_dataset_tail = bool(drop_dataset_tail)
+        self.num_replicas, self.rank = world, this
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.num_samples = lo if drop_dataset_tail else hi
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def epoch_positions(self) -> np.ndarray:
+        """This epoch's positions, before batching (length ``num_samples``)."""
+        m = self.partition_size
+        if self.shuffle:
+            rng = np.random.Generator(
+                np.random.PCG64(np.random.SeedSequence([self.seed, self.epoch, self.rank, 0x5348]))
+            )
+            order = rng.permutation(m).astype(np.int64)
+        else:
+            order = np.arange(m, dtype=np.int64)
+        if m >= self.num_samples:
+            return order[: self.num_samples]
+        return np.concatenate([order, order[: self.num_samples - m]])
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        order = self.epoch_positions()
+        bs = self.batch_size
+        stop = (len(order) // bs) * bs if self.drop_last_batch else len(order)
+        for start in range(0, stop, bs):
+            yield order[start : start + bs]
+
+    def __len__(self) -> int:
+        if self.drop_last_batch:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# A registry restricted to some rows
+
+
+def _take_rows(data: Any, rows: np.ndarray) -> Any:
+    if isinstance(data, str):  # scvi-tools' minify marker
+        return data
+    if hasattr(data, "iloc"):  # pandas DataFrame / Series
+        return data.iloc[rows]
+    return data[rows]  # scipy sparse, numpy, anndata backed datasets (rows are sorted)
+
+
+class RowSubsetRegistry:
+    """A registry (scvi-tools ``AnnDataManager`` or ours) restricted to ``rows``, duck-typed.
+
+    ``get_from_registry`` returns the registered array's ``rows`` (a host copy of just those
+    rows: a CSR row slice, a numpy take, ``DataFrame.iloc``); everything else (``data_registry``,
+    ``summary_stats``, ``get_state_registry``, ...) is the base registry's, so categorical
+    encodings and summary statistics are those of the whole data. ``adata`` is an AnnData view
+    of the rows. An ``ind_x`` field (scvi-tools' ``_indices``) keeps the global observation ids.
+    """
+
+    def __init__(self, base: Any, rows: np.ndarray) -> None:
+        self._base = base
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.adata = base.adata[self.rows]
+
+    @property
+    def data_registry(self):
+        return self._base.data_registry
+
+    def get_from_registry(self, registry_key: str) -> Any:
+        return _take_rows(self._base.get_from_registry(registry_key), self.rows)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_base":
+            raise AttributeError(name)
+        return getattr(self._base, name)
+
+    def __repr__(self) -> str:
+        return f"RowSubsetRegistry({len(self.rows)} of {self._base.adata.shape[0]} rows of {self._base!r})"
+
+
+# --------------------------------------------------------------------------------------------
+# The loaders
+
+
+class ShardedAnnDataLoader(AnnDataLoader):
+    """An :class:`~annloader_gpu.AnnDataLoader` over one rank's partition of the rows.
+
+    Built by :func:`distributed_loader` with ``residency="sharded"``: ``adata_manager`` is a
+    :class:`RowSubsetRegistry` of the partition (so only those rows are prepared and uploaded)
+    and batches come from ``sharded_sampler``. The base loader is built with
+    ``distributed_sampler=True, num_replicas=1, rank=0``; its ``sampler`` (a
+    ``DistributedSampler``, so Lightning leaves the loader alone) carries the epoch:
+    ``loader.sampler.set_epoch(e)`` or ``loader.set_epoch(e)`` reshuffle the partition.
+    ``partition`` holds the partition's global observation indices (sorted).
+    """
+
+    def __init__(self, adata_manager: Any, sharded_sampler: ShardedBatchSampler, *,
+                 partition: np.ndarray | None = None, **kwargs) -> None:
+        if len(adata_manager.adata) != sharded_sampler.partition_size:
+            raise ValueError(
+                f"the registry has {len(adata_manager.adata)} rows but the sampler's partition "
+                f"{sharded_sampler.partition_size}"
+            )
+        self._sharded_sampler = sharded_sampler
+        self.partition = partition
+        kwargs.update(distributed_sampler=True, num_replicas=1, rank=0)
+        kwargs.setdefault("seed", sharded_sampler.seed)
+        kwargs.setdefault("shuffle", sharded_sampler.shuffle)
+        super().__init__(adata_manager, None, batch_size=sharded_sampler.batch_size, **kwargs)
+
+    @property
+    def _index_sampler(self):  # DataLoader's hook: what iteration and len() draw from
+        sharded = self.__dict__.get("_sharded_sampler")
+        if sharded is None or getattr(self, "batch_sampler", None) is not None:
+            return super()._index_sampler
+        # The base sampler carries the epoch: Lightning and scvi-style code call
+        # loader.sampler.set_epoch(e).
+        base = getattr(self, "sampler", None)
+        sharded.set_epoch(getattr(base, "epoch", sharded.epoch))
+        return sharded
+
+    @property
+    def sharded_sampler(self) -> ShardedBatchSampler:
+        return self._sharded_sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self._sharded_sampler.set_epoch(epoch)
+
+
+def _check_batches_agree(n_batches: int, n_total: int, batch_size: int, seed: int, device: torch.device) -> None:
+    """All ranks agree on batch count, data size, batch size and seed (else raise, not hang)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    use_cuda = dist.get_backend() == "nccl"
+    dev = device if (use_cuda and device.type == "cuda") else (
+        torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"))
+    mine = torch.tensor([n_batches, n_total, batch_size, seed], dtype=torch.int64, device=dev)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    rows = [tuple(t.tolist()) for t in everyone]
+    if len(set(rows)) != 1:
+        raise RuntimeError(
+            "ranks disagree on (batches per epoch, n_obs, batch_size, seed): "
+            + ", ".join(f"rank {r}: {v}" for r, v in enumerate(rows))
+            + "; every rank must build its loader with the same data, batch_size and seed"
+        )
+
+
+def distributed_loader(
+    adata_manager: Any,
+    indices: Any = None,
+    batch_size: int = 128,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    drop_dataset_tail: bool = False,
+    *,
+    residency: str = "auto",
+    device: Any = None,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    check: bool = True,
+    **kwargs,
+):
+    """This rank's :class:`~annloader_gpu.AnnDataLoader` for DDP.
+
+    ``device`` defaults to :func:`local_device` (``cuda:LOCAL_RANK`` or the
+    ``torch.cuda.set_device`` choice; the CPU without a GPU). World size and rank come from the
+    process group (or ``num_replicas``/``rank``). ``seed`` must be the same on every rank.
+
+    ``residency``: the loader's values (``"auto"``, ``"device"``, ``"host"``): every rank holds
+    all rows, sampled with ``distributed_sampler=True``; or ``"sharded"``: this rank holds only
+    its partition (:func:`partition_positions` of ``indices``), placed in device memory on a GPU
+    (host memory on the CPU). See the module docstring for what sharding changes statistically.
+
+    With ``check=True`` and an initialised process group the ranks compare their batch counts
+    (one small all_gather) and raise instead of hanging later. ``kwargs`` go to the loader
+    (``data_and_attributes``, ``load_sparse_tensor``, DataLoader options).
+    """
+    from .dataset import normalize_indices
+
+    dev = local_device(device)
+    world, this, _local = world_info(num_replicas, rank)
+    n_obs = int(adata_manager.adata.shape[0])
+    if residency != SHARDED:
+        loader = AnnDataLoader(
+            adata_manager, indices, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+            drop_dataset_tail=drop_dataset_tail, distributed_sampler=True, device=dev, residency=residency,
+            num_replicas=world, rank=this, seed=seed, **kwargs,
+        )
+        n_total = len(loader.dataset)
+    else:
+        rows = normalize_indices(indices, n_obs)
+        n_total = len(rows)
+        positions = partition_positions(n_total, world, this, seed)
+        partition = rows[positions]
+        order = np.argsort(partition, kind="stable")  # sorted rows: sequential host reads
+        partition = partition[order]
+        sharded = ShardedBatchSampler(
+            len(partition), n_total, batch_size, drop_last, drop_dataset_tail,
+            num_replicas=world, rank=this, shuffle=shuffle, seed=seed,
+        )
+        inner_residency = "device" if dev.type == "cuda" else "auto"
+        loader = ShardedAnnDataLoader(
+            RowSubsetRegistry(adata_manager, partition), sharded, partition=partition,
+            device=dev, residency=inner_residency, **kwargs,
+        )
+    if check:
+        _check_batches_agree(len(loader), n_total, batch_size, seed, dev)
+    return loader

@@ -1,0 +1,228 @@
+"""Distributed loading under torchrun (CPU, gloo): sampling semantics, data, sharding, Lightning.
+
+Each test launches ``python -m torch.distributed.run --standalone --nproc_per_node=N`` on
+``tests/_ddp_worker.py`` (loopback rendezvous only), with a hard timeout so CI never hangs, and
+compares the per-rank JSON results with scvi-tools' ``BatchDistributedSampler`` evaluated here
+with explicit ``num_replicas``/``rank``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from annloader_gpu.distributed import ShardedBatchSampler, partition_positions, world_info
+
+WORKER = Path(__file__).with_name("_ddp_worker.py")
+N_OBS, BATCH_SIZE, EPOCHS, SEED = 1001, 64, 2, 11  # 1001 = 2*500+1 = 3*333+2: uneven for 2 and 3
+TIMEOUT_S = 120
+
+
+def _launch(tmp_path: Path, nproc: int, mode: str) -> list[dict]:
+    env = dict(os.environ)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
+        env.pop(name, None)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU fallback with gloo, even on a GPU machine
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONWARNINGS"] = "ignore::DeprecationWarning"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "--max-restarts=0", "--monitor-interval=0.2", str(WORKER),
+        "--out", str(tmp_path), "--mode", mode, "--n-obs", str(N_OBS), "--batch-size", str(BATCH_SIZE),
+        "--epochs", str(EPOCHS), "--seed", str(SEED),
+    ]
+    # A new session, so that on timeout the whole tree (torchrun and its workers) is killed.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun --nproc_per_node={nproc} timed out after {TIMEOUT_S} s\n"
+                    f"--- stdout ---\n{stdout[-6000:]}\n--- stderr ---\n{stderr[-6000:]}")
+    results = []
+    for rank in range(nproc):
+        path = tmp_path / f"rank{rank}.json"
+        if not path.exists():
+            pytest.fail(f"rank {rank} wrote no result (exit {proc.returncode})\n"
+                        f"--- stdout ---\n{stdout[-6000:]}\n--- stderr ---\n{stderr[-6000:]}")
+        results.append(json.loads(path.read_text()))
+    errors = [r.get("error") for r in results if not r.get("ok")]
+    assert not errors and proc.returncode == 0, (
+        f"exit {proc.returncode}\n" + "\n".join(e or "" for e in errors) + f"\n--- stderr ---\n{stderr[-6000:]}"
+    )
+    return results
+
+
+def _scvi_batches(nproc: int, drop_last: bool, drop_tail: bool, epoch: int) -> list[list[list[int]]]:
+    """Per rank, the batches scvi-tools' sampler yields (positions = rows: indices=None)."""
+    from scvi.dataloaders._samplers import BatchDistributedSampler
+
+    out = []
+    for rank in range(nproc):
+        s = BatchDistributedSampler(range(N_OBS), batch_size=BATCH_SIZE, drop_last=drop_last,
+                                    drop_dataset_tail=drop_tail, num_replicas=nproc, rank=rank, seed=SEED,
+                                    shuffle=True)
+        s.set_epoch(epoch)
+        out.append([list(map(int, b)) for b in s])
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["nproc2", "nproc3"])
+def loader_results(request, tmp_path_factory):
+    nproc = request.param
+    return nproc, _launch(tmp_path_factory.mktemp(f"ddp{nproc}"), nproc, "loader")
+
+
+def _configs(results, layout):
+    by_key = collections.defaultdict(list)
+    for r in results:
+        for c in r["configs"]:
+            if c["layout"] == layout:
+                by_key[(c["drop_last"], c["drop_dataset_tail"])].append(c)
+    assert len(by_key) == 4
+    return by_key
+
+
+@pytest.mark.slow
+@pytest.mark.scvi
+def test_ranks_see_their_process_group(loader_results):
+    nproc, results = loader_results
+    assert [r["rank"] for r in results] == list(range(nproc))
+    assert all(r["world"] == nproc and r["backend"] == "gloo" and r["local_device"] == "cpu" for r in results)
+    assert sorted(r["local_rank"] for r in results) == list(range(nproc))
+
+
+@pytest.mark.slow
+@pytest.mark.scvi
+def test_replicated_matches_scvi_sampler(loader_results):
+    """Every rank yields exactly scvi-tools' batches (read from the process group), every epoch."""
+    nproc, results = loader_results
+    for (drop_last, drop_tail), per_rank in _configs(results, "replicated").items():
+        lens = {c["len"] for c in per_rank}
+        assert len(lens) == 1, f"batch counts differ across ranks: {lens}"
+        for epoch in range(EPOCHS):
+            expected = _scvi_batches(nproc, drop_last, drop_tail, epoch)
+            got = [c["epochs"][epoch] for c in per_rank]
+            assert got == expected, (drop_last, drop_tail, epoch)
+            assert {len(b) for b in got} == {len(expected[0])}  # same number of batches per rank
+            union = collections.Counter(i for rank in got for b in rank for i in b)
+            exp_union = collections.Counter(i for rank in expected for b in rank for i in b)
+            assert union == exp_union
+            if not drop_last and not drop_tail:  # padding: every row, duplicates only for padding
+                assert set(union) == set(range(N_OBS))
+                assert sum(union.values()) - N_OBS == (-N_OBS) % nproc
+            if not drop_last and drop_tail:  # dropped tail: no row twice
+                assert max(union.values()) == 1 and len(union) == N_OBS - N_OBS % nproc
+        e0 = [c["epochs"][0] for c in per_rank]
+        e1 = [c["epochs"][1] for c in per_rank]
+        assert e0 != e1, "set_epoch did not reshuffle"
+        assert all(c["x_ok"] for c in per_rank), "X rows differ from the reference rows"
+
+
+@pytest.mark.slow
+@pytest.mark.scvi
+def test_sharded_holds_only_its_partition(loader_results):
+    nproc, results = loader_results
+    for (drop_last, drop_tail), per_rank in _configs(results, "sharded").items():
+        parts = [np.asarray(c["partition"]) for c in per_rank]
+        for rank, (c, part) in enumerate(zip(per_rank, parts)):
+            np.testing.assert_array_equal(part, partition_positions(N_OBS, nproc, rank, SEED))
+            assert c["x_rows"] == len(part) and c["x_nnz"] == c["partition_nnz"]
+            assert c["resident_bytes"] <= c["bytes_bound"]
+            assert c["resident_bytes"] < c["full_bytes"] / nproc * 1.1
+            assert c["x_ok"], "X rows differ from the reference rows"
+        allrows = np.concatenate(parts)
+        assert len(allrows) == N_OBS and set(allrows.tolist()) == set(range(N_OBS)), "partitions overlap or miss rows"
+        # Same per-rank batch counts (and sizes) as the replicated sampler: DDP cannot hang on it.
+        expected = _scvi_batches(nproc, drop_last, drop_tail, 0)
+        for epoch in range(EPOCHS):
+            got = [c["epochs"][epoch] for c in per_rank]
+            assert [len(r) for r in got] == [len(r) for r in expected]
+            assert [[len(b) for b in r] for r in got] == [[len(b) for b in r] for r in expected]
+            for rows, part in zip(got, parts):
+                assert set(i for b in rows for i in b) <= set(part.tolist()), "a rank left its partition"
+            union = collections.Counter(i for r in got for b in r for i in b)
+            if not drop_last and not drop_tail:
+                assert set(union) == set(range(N_OBS))
+                assert sum(union.values()) - N_OBS == (-N_OBS) % nproc
+            if not drop_last and drop_tail:
+                assert max(union.values()) == 1 and sum(union.values()) == N_OBS - N_OBS % nproc
+        e0 = [c["epochs"][0] for c in per_rank]
+        e1 = [c["epochs"][1] for c in per_rank]
+        assert e0 != e1, "set_epoch did not reshuffle the partitions"
+
+
+def test_sharded_sampler_exactly_once_when_divisible():
+    """In-process: with world | n, every epoch covers each row exactly once across ranks."""
+    n, world = 999, 3
+    for epoch in range(3):
+        seen = collections.Counter()
+        lens = set()
+        for rank in range(world):
+            part = partition_positions(n, world, rank, seed=5)
+            s = ShardedBatchSampler(len(part), n, 50, num_replicas=world, rank=rank, seed=5)
+            s.set_epoch(epoch)
+            batches = list(s)
+            lens.add(len(batches))
+            assert len(batches) == len(s)
+            seen.update(part[np.concatenate(batches)].tolist())
+        assert len(lens) == 1
+        assert seen == collections.Counter(range(n))
+
+
+def test_sharded_sampler_rejects_bad_partition():
+    with pytest.raises(ValueError, match="partition_size"):
+        ShardedBatchSampler(10, 100, 8, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="drop_dataset_tail"):
+        ShardedBatchSampler(0, 1, 8, num_replicas=2, rank=1)
+
+
+def test_world_info_explicit_and_default(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert world_info() == (1, 0, 0)
+    assert world_info(4, 2) == (4, 2, 2)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert world_info() == (8, 5, 1)
+    with pytest.raises(ValueError):
+        world_info(2, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.scvi
+def test_lightning_ddp_keeps_our_sampler(tmp_path):
+    """Trainer(strategy="ddp"), 2 processes: Lightning keeps our loader and sampler, with either flag."""
+    pytest.importorskip("lightning")
+    nproc = 2
+    results = _launch(tmp_path, nproc, "lightning")
+    runs = list(zip(*[r["runs"] for r in results]))
+    assert len(runs) == 3
+    for per_rank in runs:
+        first = per_rank[0]
+        for r in per_rank:
+            assert r["same_loader"], "Lightning replaced the loader"
+            assert r["sampler_type"] == "BatchDistributedSampler"
+            assert r["sampler_epoch"] == EPOCHS - 1, "Lightning did not call set_epoch"
+            assert [len(e) for e in r["epochs"]] == [r["len"]] * EPOCHS
+            # Lightning's own noise only: third-party FutureWarnings, nothing from us.
+            unexpected = [w for w in r["warnings"] if not w.startswith(("FutureWarning", "DeprecationWarning"))]
+            assert not unexpected, unexpected
+        for epoch in range(EPOCHS):
+            got = [r["epochs"][epoch] for r in per_rank]
+            if not first["sharded"]:
+                assert got == _scvi_batches(nproc, False, False, epoch)
+            else:
+                union = collections.Counter(i for rank in got for b in rank for i in b)
+                assert set(union) == set(range(N_OBS)) and sum(union.values()) == N_OBS + (-N_OBS) % nproc

@@ -105,6 +105,21 @@ def place(prepared: PreparedData, device: torch.device, residency: str, requeste
         ) from exc
 
 
+def _random_sampler_order(sampler: RandomSampler, n: int) -> np.ndarray:
+    """The order ``iter(sampler)`` yields, drawing the same random numbers (no per-item Python).
+
+    Mirrors ``RandomSampler.__iter__`` without replacement: with no generator it seeds a fresh
+    one from the global RNG; then one ``torch.randperm``. Parity tests against scvi-tools' loader
+    under ``torch.manual_seed`` check this stays true.
+    """
+    generator = sampler.generator
+    if generator is None:
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+    return torch.randperm(n, generator=generator).numpy()
+
+
 class AnnDataLoader(DataLoader):
     """DataLoader for batches of registered AnnData fields, gathered by compiled kernels.
 
@@ -303,9 +318,8 @@ class _BatchIterator:
             n = len(loader.dataset)
             if type(inner) is SequentialSampler:
                 order = None
-            elif type(inner) is RandomSampler and not inner.replacement and len(inner) == n:
-                # Consumes the RNG exactly as iterating the sampler does.
-                order = np.fromiter(iter(inner), dtype=np.int64, count=n)
+            elif type(inner) is RandomSampler and not inner.replacement and len(inner) == n and n > 0:
+                order = _random_sampler_order(inner, n)
             else:
                 order = False
             if order is not False:

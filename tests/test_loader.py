@@ -502,3 +502,19 @@ def test_cpu_is_the_default_without_gpu():
     loader = AnnDataLoader(setup_anndata(make_adata("csr")))
     assert loader.device == torch.device("cpu") and loader.residency == "host"
 
+
+
+@pytest.mark.parametrize("seeded_generator", [False, True])
+def test_fast_shuffle_order_equals_random_sampler(seeded_generator):
+    from torch.utils.data import RandomSampler
+
+    from annloader_gpu.loader import _random_sampler_order
+
+    def make():
+        return RandomSampler(range(50), generator=torch.Generator().manual_seed(3) if seeded_generator else None)
+
+    torch.manual_seed(9)
+    expected = [list(make()) for _ in range(2)]
+    torch.manual_seed(9)
+    actual = [_random_sampler_order(make(), 50).tolist() for _ in range(2)]
+    assert actual == expected

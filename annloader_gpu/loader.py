@@ -41,7 +41,7 @@ def _identity(batch):
 def resolve_device(device: Any, *, iter_ndarray: bool = False) -> torch.device:
     """The device batches are yielded on: "cuda" by default when the GPU path is usable."""
     if device is None:
-        return torch.device("cuda") if gpu_usable() and not iter_ndarray else torch.device("cpu")
+        device = "cuda" if gpu_usable() and torch.cuda.is_available() and not iter_ndarray else "cpu"
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as exc:
@@ -55,6 +55,8 @@ def resolve_device(device: Any, *, iter_ndarray: bool = False) -> torch.device:
             )
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise CudaUnavailableError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) found")
+        if resolved.index is None:  # one name per GPU, so loaders share placed data
+            resolved = torch.device("cuda", torch.cuda.current_device())
     elif resolved.type != "cpu":
         raise ValueError(f"device must be a CPU or CUDA device, got {resolved}")
     return resolved

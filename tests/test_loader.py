@@ -518,3 +518,16 @@ def test_fast_shuffle_order_equals_random_sampler(seeded_generator):
     torch.manual_seed(9)
     actual = [_random_sampler_order(make(), 50).tolist() for _ in range(2)]
     assert actual == expected
+
+
+@scvi_only
+def test_dataset_getitem_matches_scvi_subset(scvi):
+    from scvi.dataloaders import AnnDataLoader as ScviLoader
+
+    manager = full_manager("csc")
+    kwargs = dict(indices=np.arange(40, 90))
+    reference = ScviLoader(manager, **kwargs).dataset
+    dataset = AnnDataLoader(manager, device="cpu", **kwargs).dataset
+    for positions in ([3, 1, 1], np.array([0, 49]), slice(2, 9, 3)):
+        expected = reference[list(range(50))[positions] if isinstance(positions, slice) else list(positions)]
+        assert_batches_equal([expected], [dataset[positions]])

@@ -187,10 +187,6 @@ class BufferPool:
 # Storage: the arrays a field gathers from, on one device
 
 
-def _is_host(array: Any) -> bool:
-    return isinstance(array, np.ndarray) or (isinstance(array, torch.Tensor) and array.device.type == "cpu")
-
-
 def _to_device(array: np.ndarray | torch.Tensor, device: torch.device, pin: bool = False) -> torch.Tensor:
     tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
     if pin:

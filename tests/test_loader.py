@@ -6,7 +6,6 @@ import copy
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 from torch.utils.data import BatchSampler, SequentialSampler
 

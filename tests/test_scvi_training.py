@@ -42,13 +42,14 @@ pytestmark = [
 ]
 
 RTOL = 1e-6
-N_OBS, N_VARS, EPOCHS = 600, 200, 3
+N_OBS, N_VARS, EPOCHS = 600, 200, 2
 TRAIN_KW = dict(
     max_epochs=EPOCHS,
     accelerator="cpu",
     devices=1,
     check_val_every_n_epoch=1,
     log_every_n_steps=1,  # fewer batches than the default 10 would warn
+    num_sanity_val_steps=0,
     enable_progress_bar=False,
 )
 LOSS_KEYS = ("train_loss", "elbo_train", "validation_loss", "elbo_validation")

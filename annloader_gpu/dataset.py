@@ -206,6 +206,14 @@ def _placed_copy(storage: Any, device: torch.device, pin: bool, build) -> Any:
     return copy_
 
 
+def _bound_for(storage: Any, device: torch.device, build) -> Any:
+    cache = storage.__dict__.setdefault("_bound", {})
+    bound = cache.get(device)
+    if bound is None:
+        bound = cache[device] = build()
+    return bound
+
+
 def _nbytes(array: np.ndarray | torch.Tensor) -> int:
     if isinstance(array, np.ndarray):
         return int(array.nbytes)
@@ -233,6 +241,10 @@ class DenseStorage:
     @property
     def value_dtype(self) -> str:
         return kernels.dtype_name(self.values)
+
+    def bound(self, device: torch.device) -> kernels.BoundDense:
+        """The storage bound for kernels running on device (checked once, then cached)."""
+        return _bound_for(self, device, lambda: kernels.BoundDense(self.values, device=device))
 
     def to(self, device: torch.device | str, *, pin: bool = False) -> DenseStorage:
         device = torch.device(device)
@@ -274,6 +286,11 @@ class CsrStorage:
     @property
     def value_dtype(self) -> str:
         return kernels.dtype_name(self.values)
+
+    def bound(self, device: torch.device) -> kernels.BoundCsr:
+        """The matrix bound for kernels running on device (checked once, then cached)."""
+        return _bound_for(self, device, lambda: kernels.BoundCsr(self.indptr, self.indices, self.values,
+                                                                 self.n_cols, device=device, validate=False))
 
     def to(self, device: torch.device | str, *, pin: bool = False) -> CsrStorage:
         device = torch.device(device)
@@ -544,10 +561,13 @@ class Field:
         n = int(rows.shape[0])
         exact = self.kernel_dtype == self.dtype
         out = self._empty((n, s.n_cols), self.kernel_dtype, pool if exact else None, rows)
+        rows_t = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows)
+        out_t = out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
+        bound = s.bound(rows_t.device)
         if s.kind == "csr":
-            kernels.gather_csr_to_dense(s.indptr, s.indices, s.values, s.n_cols, rows, out, validate=False)
+            bound.to_dense(rows_t, out_t)
         else:
-            kernels.gather_dense(s.values, rows, out, validate=False)
+            bound.gather(rows_t, out_t)
         if not exact:
             out = out.to(torch_dtype(self.dtype)) if isinstance(out, torch.Tensor) else out.astype(self.dtype)
         if s.kind == "dense" and s.squeeze:

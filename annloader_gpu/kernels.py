@@ -378,3 +378,120 @@ def get_num_threads() -> int:
 def set_num_threads(n: int) -> None:
     """Sets the threads the CPU gathers use (the calling thread included)."""
     _core.set_num_threads(int(n))
+
+
+# --- bound matrices: checked once, gathered many times ----------------------------------------
+
+_FAST_INDEX_NAMES = {torch.int32: "int32", torch.int64: "int64"}
+_FAST_OUTPUT_NAMES = {t: n for t, n in _TORCH_DTYPE_NAMES.items() if n in OUTPUT_DTYPES}
+
+
+def _execution_device(buffers: tuple[_Buffer, ...], device: torch.device | str | None) -> torch.device:
+    """Where kernels over these buffers run: their device, or a CUDA device reading pinned memory."""
+    own = _same_device(*buffers)
+    if device is None:
+        return own
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if own.type == "cpu" and device.type == "cuda":
+        if not all(_device_readable(b) for b in buffers):
+            raise ValueError(f"host arrays must be pinned for CUDA kernels on {device} to read them")
+        return device
+    if own != device:
+        raise ValueError(f"arrays live on {own}, not on {device}")
+    return device
+
+
+class _Bound:
+    """Per-call state shared by the bound matrices: the compiled module and its fixed arguments."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self._cuda = require_cuda_module()
+            self._device_index = device.index if device.index is not None else torch.cuda.current_device()
+            self._bad_slot = bad_row_slot(device).data_ptr()
+        else:
+            self._cuda = None
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self._device_index).cuda_stream
+
+    def _fast_rows(self, rows) -> tuple[int, str, int] | None:
+        """(address, dtype, count) for a contiguous 1-D torch index tensor on this device, else None."""
+        if type(rows) is torch.Tensor and rows.device == self.device and rows.dim() == 1 and rows.is_contiguous():
+            name = _FAST_INDEX_NAMES.get(rows.dtype)
+            if name is not None:
+                return rows.data_ptr(), name, rows.shape[0]
+        return None
+
+    def _fast_out(self, out, n_rows: int, n_cols: int) -> tuple[int, str] | None:
+        if (type(out) is torch.Tensor and out.device == self.device and out.dim() == 2 and out.is_contiguous()
+                and out.shape[0] == n_rows and out.shape[1] == n_cols):
+            name = _FAST_OUTPUT_NAMES.get(out.dtype)
+            if name is not None:
+                return out.data_ptr(), name
+        return None
+
+
+class BoundCsr(_Bound):
+    """A CSR matrix checked once and bound to the device its kernels run on.
+
+    The loader's hot path: each call does a few attribute checks on contiguous torch tensors and
+    one call into the compiled module. Anything else (numpy inputs, other layouts or dtypes) takes
+    the checked free functions, which say what is wrong. ``device`` may name a CUDA device for
+    pinned host arrays, which the CUDA kernels read in place.
+    """
+
+    def __init__(self, indptr: ArrayLike, indices: ArrayLike, values: ArrayLike, n_cols: int, *,
+                 device: torch.device | str | None = None, validate: bool = True):
+        matrix = _Csr(indptr, indices, values, n_cols, validate)
+        super().__init__(_execution_device((matrix.indptr, matrix.indices, matrix.values), device))
+        self._arrays = (indptr, indices, values)  # keeps the memory alive while bound
+        self.n_rows, self.n_cols = matrix.n_rows, matrix.n_cols
+        self._args = (matrix.indptr.address, matrix.indptr.dtype, matrix.indices.address, matrix.indices.dtype,
+                      matrix.values.address, matrix.values.dtype, matrix.n_rows, matrix.n_cols)
+
+    def to_dense(self, rows: ArrayLike, out: ArrayLike) -> ArrayLike:
+        """out[i, :] = dense(matrix[rows[i]]); see :func:`gather_csr_to_dense`."""
+        r = self._fast_rows(rows)
+        o = self._fast_out(out, r[2], self.n_cols) if r is not None else None
+        if o is None:
+            return gather_csr_to_dense(*self._arrays, self.n_cols, rows, out, validate=False)
+        if self._cuda is None:
+            _core.gather_csr_to_dense(*self._args, *r, *o)
+        else:
+            self._cuda.gather_csr_to_dense(self._device_index, self._stream(), *self._args, *r, *o, self._bad_slot)
+        return out
+
+    def batch_indptr(self, rows: ArrayLike, out_indptr: ArrayLike) -> int | None:
+        """See :func:`csr_batch_indptr` (the batch nnz on the CPU, None on the GPU)."""
+        return csr_batch_indptr(self._arrays[0], rows, out_indptr, validate=False)
+
+    def to_csr(self, rows: ArrayLike, out_indptr: ArrayLike, out_indices: ArrayLike, out_values: ArrayLike) -> None:
+        """See :func:`gather_csr_to_csr`."""
+        gather_csr_to_csr(*self._arrays, self.n_cols, rows, out_indptr, out_indices, out_values, validate=False)
+
+
+class BoundDense(_Bound):
+    """A dense (n_rows, n_cols) source checked once; see :class:`BoundCsr`."""
+
+    def __init__(self, src: ArrayLike, *, device: torch.device | str | None = None):
+        source = _Buffer(src, "src", ndim=2, allowed=VALUE_DTYPES)
+        super().__init__(_execution_device((source,), device))
+        self._src = src
+        self.n_rows, self.n_cols = source.shape
+        self._args = (source.address, source.dtype, source.shape[0], source.shape[1], source.row_stride)
+
+    def gather(self, rows: ArrayLike, out: ArrayLike) -> ArrayLike:
+        """out[i, :] = src[rows[i], :]; see :func:`gather_dense`."""
+        r = self._fast_rows(rows)
+        o = self._fast_out(out, r[2], self.n_cols) if r is not None else None
+        if o is None or self.n_cols == 0:
+            return gather_dense(self._src, rows, out, validate=False)
+        if self._cuda is None:
+            _core.gather_dense(*self._args, *r, *o)
+        else:
+            self._cuda.gather_dense(self._device_index, self._stream(), *self._args, *r, *o, self._bad_slot)
+        return out

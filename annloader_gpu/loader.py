@@ -295,12 +295,13 @@ class _BatchIterator:
         # (the global RNG by default) before sampling; doing the same keeps shuffling identical
         # to scvi-tools' loader under torch.manual_seed.
         torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
-        self._batches = self._position_batches()
         dataset = loader.dataset
         self._dataset = dataset
         self._device = loader.device
         # With the data in GPU memory or pinned host memory, the CUDA kernels gather on the device.
         self._gpu_rows = loader.residency in ("device", "pinned")
+        self._rows_ready = False  # set when the default sampler's batches arrive as row arrays
+        self._batches = self._position_batches()
         self._pool = dataset.pool if not self._gpu_rows else None
         collate = loader.collate_fn
         self._mode = "tensor" if collate is default_convert else ("ndarray" if collate is _identity else "custom")
@@ -313,6 +314,7 @@ class _BatchIterator:
         return self._length
 
     def _position_batches(self):
+        """Sampler items; for the default sampler, ready row arrays (see _epoch_row_batches)."""
         loader = self._loader
         sampler = loader._index_sampler
         if sampler is loader._default_sampler and sampler is not None:
@@ -325,13 +327,25 @@ class _BatchIterator:
             else:
                 order = False
             if order is not False:
-                size, drop = sampler.batch_size, sampler.drop_last
-                stop = (n // size) * size if drop else n
-                for start in range(0, stop, size):
-                    end = min(start + size, n)
-                    yield np.arange(start, end, dtype=np.int64) if order is None else order[start:end]
+                self._rows_ready = True
+                yield from self._epoch_row_batches(order, n, sampler.batch_size, sampler.drop_last)
                 return
         yield from sampler
+
+    def _epoch_row_batches(self, order: np.ndarray | None, n: int, size: int, drop_last: bool):
+        """The epoch's rows mapped (and, for GPU residency, uploaded) once, then sliced per batch.
+
+        One host-to-device copy per epoch instead of one per batch, and no host work per batch
+        beyond slicing; the permutation itself is drawn on the host exactly as RandomSampler
+        draws it, so the order equals scvi-tools' for the same seed.
+        """
+        positions = np.arange(n, dtype=np.int64) if order is None else order.astype(np.int64, copy=False)
+        rows = self._dataset.rows(positions)
+        if self._gpu_rows:
+            rows = torch.from_numpy(np.ascontiguousarray(rows)).to(self._device)
+        stop = (n // size) * size if drop_last else n
+        for start in range(0, stop, size):
+            yield rows[start:min(start + size, n)]
 
     def _rows(self, item) -> np.ndarray:
         """Observation rows (int64) for one sampler item: positions into the dataset."""
@@ -347,9 +361,12 @@ class _BatchIterator:
         return self._dataset.rows(positions.reshape(-1))
 
     def _fetch(self, item, as_numpy: bool) -> dict[str, Any]:
-        rows = self._rows(item)
-        if self._gpu_rows:
-            rows = torch.from_numpy(rows).to(self._device)
+        if self._rows_ready:
+            rows = item
+        else:
+            rows = self._rows(item)
+            if self._gpu_rows:
+                rows = torch.from_numpy(rows).to(self._device)
         return self._dataset.data.fetch(rows, pool=self._pool, as_numpy=as_numpy)
 
     def _to_output_device(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ move their batches to the same device (``.to(device)``) and every timed epoch en
 ``torch.cuda.synchronize``, so no queued work escapes the timer.
 
 Roofs: on the CPU the memory write bandwidth into an already-touched buffer of one batch's
-output size (best of N of numpy ``fill`` and torch ``fill_``, which uses torch's threads); the
+output size (best of N of numpy ``fill``, torch ``fill_`` (torch's threads) and libc ``memset``); the
 fraction reported is output bytes per second over it. On a GPU the device-to-device copy
 bandwidth (read + write bytes of a torch ``copy_``); the fraction counts the output bytes written
 plus the source bytes read (batch non-zeros times the loader's resident bytes per non-zero,
@@ -299,9 +299,23 @@ def _best_time(fn: Callable[[], Any], *, min_repeats: int = 5, min_seconds: floa
     return best
 
 
+def _libc_memset():
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        fn = libc.memset
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+        fn.restype = ctypes.c_void_p
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
 def cpu_write_roof(nbytes: int) -> dict:
     """Write bandwidth into an already-touched buffer of ``nbytes``: best of numpy ``fill``
-    (one thread) and torch ``fill_`` (torch's threads), best-of-N each."""
+    (one thread), torch ``fill_`` (torch's threads) and libc ``memset``, best-of-N each."""
     n = max(1, nbytes // 4)
     buf = np.zeros(n, dtype=np.float32)  # zeros touches every page
     buf.fill(1.0)
@@ -310,6 +324,10 @@ def cpu_write_roof(nbytes: int) -> dict:
         "numpy fill": nbytes / _best_time(lambda: buf.fill(2.0)),
         "torch fill_": nbytes / _best_time(lambda: tbuf.fill_(3.0)),
     }
+    memset = _libc_memset()
+    if memset is not None:  # glibc switches to non-temporal stores for large sizes
+        address, size = buf.ctypes.data, buf.nbytes
+        results["libc memset"] = nbytes / _best_time(lambda: memset(address, 0, size))
     method = max(results, key=results.get)
     return {"kind": "cpu write", "buffer_bytes": int(n * 4), "gb_per_s": results[method] / 1e9,
             "method": method, "candidates_gb_per_s": {k: v / 1e9 for k, v in results.items()}}
@@ -820,4 +838,6 @@ def quiet_third_party_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
+        # torch warns once when scvi-tools builds an unchecked sparse tensor (load_sparse_tensor).
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
         yield

@@ -268,7 +268,7 @@ def plot_results(report: dict, path: str) -> None:
     from . import bench
 
     results = [r for r in report["results"] if r["available"]]
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10.5, 5.5), dpi=110)
     styles = {bench.OURS: ("C0", "o", 2.6), bench.SCVI: ("C3", "s", 1.8), bench.ANNLOADER: ("C2", "^", 1.8),
               bench.INPROCESS: ("C1", "D", 1.8)}
     for name in dict.fromkeys(r["loader"] for r in results):
@@ -298,7 +298,7 @@ def plot_results(report: dict, path: str) -> None:
     out = "sparse" if report["settings"]["sparse"] else "dense"
     ax.set_title(f"Loader throughput on {report['device']} ({hw})\n"
                  f"{d['n_obs']:,} x {d['n_vars']:,}, {fmt_num(d['nnz'])} nnz, {out} float32 output", fontsize=10)
-    ax.legend(fontsize=8.5, loc="best")
+    ax.legend(fontsize=8.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

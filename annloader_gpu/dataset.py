@@ -591,13 +591,13 @@ class Field:
         index_dtype = s.batch_index_dtype
         if isinstance(rows, torch.Tensor) and rows.device.type != "cpu":
             device = rows.device
+            bound = s.bound(device)
             indptr = torch.empty(n + 1, dtype=torch.int64, device=device)
-            kernels.csr_batch_indptr(s.indptr, rows, indptr, validate=False)
+            bound.batch_indptr(rows, indptr)
             nnz = int(indptr[-1].item())  # the one synchronisation: the output size
             indices = torch.empty(nnz, dtype=torch_dtype(index_dtype), device=device)
             values = torch.empty(nnz, dtype=torch_dtype(self.kernel_dtype), device=device)
-            kernels.gather_csr_to_csr(s.indptr, s.indices, s.values, s.n_cols, rows, indptr, indices, values,
-                                      validate=False)
+            bound.to_csr(rows, indptr, indices, values)
             indptr = indptr.to(torch_dtype(index_dtype))
             values = values.to(torch_dtype(self.dtype))
             with _quiet_sparse_constructors():
@@ -608,11 +608,12 @@ class Field:
             indptr = pool.empty_flat(n + 1, index_dtype)
         else:
             indptr = np.empty(n + 1, index_dtype)
-        nnz = kernels.csr_batch_indptr(s.indptr, rows, indptr, validate=False)
+        bound = s.bound(torch.device("cpu"))
+        rows_t = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows)
+        nnz = bound.batch_indptr(rows_t, torch.from_numpy(indptr))
         indices = pool.empty_flat(nnz, index_dtype) if pool is not None else np.empty(nnz, index_dtype)
         values = pool.empty_flat(nnz, self.dtype) if pool is not None and exact else np.empty(nnz, self.kernel_dtype)
-        kernels.gather_csr_to_csr(s.indptr, s.indices, s.values, s.n_cols, rows, indptr, indices, values,
-                                  validate=False)
+        bound.to_csr(rows_t, torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(values))
         if not exact:
             values = values.astype(self.dtype)
         with _quiet_sparse_constructors():

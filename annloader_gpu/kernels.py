@@ -467,11 +467,46 @@ class BoundCsr(_Bound):
 
     def batch_indptr(self, rows: ArrayLike, out_indptr: ArrayLike) -> int | None:
         """See :func:`csr_batch_indptr` (the batch nnz on the CPU, None on the GPU)."""
-        return csr_batch_indptr(self._arrays[0], rows, out_indptr, validate=False)
+        r = self._fast_rows(rows)
+        p = self._fast_vector(out_indptr, r[2] + 1, _FAST_INDEX_NAMES) if r is not None else None
+        if p is None or (self._cuda is not None and p[1] != "int64"):
+            return csr_batch_indptr(self._arrays[0], rows, out_indptr, validate=False)
+        if self._cuda is None:
+            return _core.csr_batch_indptr(self._args[0], self._args[1], self.n_rows, *r, *p)
+        self._cuda.csr_batch_indptr(self._device_index, self._stream(), self._args[0], self._args[1], self.n_rows,
+                                    *r, p[0], self._bad_slot)
+        return None
 
     def to_csr(self, rows: ArrayLike, out_indptr: ArrayLike, out_indices: ArrayLike, out_values: ArrayLike) -> None:
-        """See :func:`gather_csr_to_csr`."""
-        gather_csr_to_csr(*self._arrays, self.n_cols, rows, out_indptr, out_indices, out_values, validate=False)
+        """See :func:`gather_csr_to_csr`; out_indptr is what :meth:`batch_indptr` filled."""
+        r = self._fast_rows(rows)
+        fast = None
+        if r is not None:
+            p = self._fast_vector(out_indptr, r[2] + 1, _FAST_INDEX_NAMES)
+            nnz = out_indices.shape[0] if type(out_indices) is torch.Tensor else -1
+            i = self._fast_vector(out_indices, nnz, _FAST_INDEX_NAMES)
+            v = self._fast_vector(out_values, nnz, _FAST_OUTPUT_NAMES)
+            if p is not None and i is not None and v is not None:
+                fast = p, i, v
+        if fast is None or (self._cuda is not None and fast[0][1] != "int64"):
+            gather_csr_to_csr(*self._arrays, self.n_cols, rows, out_indptr, out_indices, out_values, validate=False)
+            return
+        p, i, v = fast
+        if self._cuda is None:
+            # The kernel trusts out_indptr; its last entry must match the output length.
+            if int(out_indptr[-1]) != nnz:
+                raise ValueError(f"out_indptr ends at {int(out_indptr[-1])} but out_indices has {nnz} entries")
+            _core.gather_csr_to_csr(*self._args, *r, *p, *i, *v)
+        else:
+            self._cuda.gather_csr_to_csr(self._device_index, self._stream(), *self._args, *r, p[0], *i, *v)
+
+    def _fast_vector(self, array, length: int, names: dict) -> tuple[int, str] | None:
+        if (type(array) is torch.Tensor and array.device == self.device and array.dim() == 1
+                and array.is_contiguous() and array.shape[0] == length):
+            name = names.get(array.dtype)
+            if name is not None:
+                return array.data_ptr(), name
+        return None
 
 
 class BoundDense(_Bound):

@@ -38,10 +38,13 @@ int64_t element_size(DType t) {
   return 0;
 }
 
-// Outputs at least this large go through a cached scratch row and non-temporal stores: a large
+// Outputs larger than this go through a cached scratch row and non-temporal stores: such a
 // batch does not stay in cache anyway, and writing each output line once without reading it
-// first (no read-for-ownership, no second pass over the row) halves the memory traffic.
-constexpr int64_t kStreamingOutputBytes = int64_t{4} << 20;
+// first (no read-for-ownership, no second pass over the row) halves the memory traffic. Smaller
+// outputs stay in the last-level cache, where ordinary stores are faster (measured with a 32 MiB
+// L3: 10 MB batches 0.45 vs 0.57 ms; 82 MB batches 6.6 vs 4.2 ms). A fixed 16 MiB, because what
+// sysconf reports as L3 on virtual machines can be the whole socket's (256 MiB here).
+constexpr int64_t kStreamingOutputBytes = int64_t{16} << 20;
 
 void stream_copy(void* dst, const void* src, size_t n) {
 #if defined(__SSE2__)
@@ -104,7 +107,7 @@ void gather_csr_to_dense(const CsrMatrix& m, const RowIndices& rows, const Dense
         auto* dense = static_cast<Out*>(out.values);
         const int64_t n_cols = m.n_cols;
         const int64_t row_bytes = n_cols * int64_t(sizeof(Out));
-        const bool streaming = rows.count * row_bytes >= kStreamingOutputBytes;
+        const bool streaming = rows.count * row_bytes > kStreamingOutputBytes;
         parallel_for(rows.count, rows_per_chunk(row_bytes), [&](int64_t first, int64_t last) {
           std::vector<Out> scratch(streaming ? n_cols : 0);
           for (int64_t i = first; i < last; ++i) {

@@ -642,13 +642,14 @@ def test_message_names_index_exactly():
 @pytest.mark.parametrize("out_dtype", ["float32", "float16", "int64"])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_large_cpu_outputs_stream_through_a_scratch_row(out_dtype, n_threads, rng, threads):
-    # Outputs of 4 MiB and more take the scratch-row + non-temporal-store path; an odd column
-    # count leaves most output rows unaligned to 16 bytes, exercising the head and tail copies.
+    # Outputs over 16 MiB (kStreamingOutputBytes) take the scratch-row + non-temporal-store path;
+    # an odd column count leaves most output rows unaligned to 16 bytes, exercising the head and
+    # tail copies.
     annloader_gpu.set_num_threads(n_threads)
     n_rows, n_cols = 400, 4099
     indptr, indices, values = random_csr(rng, n_rows, n_cols, 0.05, "float32", "int32", "int64",
                                          empty_rows=0.1, unsorted=True)
-    rows = batch_rows(rng, n_rows, 600)
-    assert 600 * n_cols * np.dtype(np_dtype(out_dtype)).itemsize >= 4 << 20
+    n_batch = (17 << 20) // (n_cols * np.dtype(np_dtype(out_dtype)).itemsize) + 1
+    rows = batch_rows(rng, n_rows, n_batch)
     out = gather_dense_csr("cpu", indptr, indices, values, n_cols, rows, out_dtype)
     assert_identical(out, reference_dense(indptr, indices, values, n_cols, rows, out_dtype))

@@ -225,7 +225,8 @@ def _print_bench(report: dict) -> None:
          f"float32  epochs={s['epochs']} (+1 warm-up)  max_batches={s['max_batches']}")
     la = report.get("load_average") or {}
     if la.get("before") is not None:
-        busy = max(la["before"][0], (la.get("after") or [0])[0]) > 0.5 * m["usable_cores"]
+        # Only the load before the run is other processes': the benchmark itself raises "after".
+        busy = la["before"][0] > 0.5 * m["usable_cores"]
         _out(f"Load:    1-min load average {la['before'][0]:.2f} before, {(la.get('after') or ['?'])[0]} after"
              + ("  (other processes were competing for the cores: numbers are noisy)" if busy else ""))
     for bs, roof in report["roofs"].items():

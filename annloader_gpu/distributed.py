@@ -55,6 +55,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from .loader import AnnDataLoader
+from .sampler import check_batch_size, check_world
 
 __all__ = [
     "SHARDED",
@@ -101,10 +102,7 @@ def world_info(num_replicas: int | None = None, rank: int | None = None) -> tupl
         this = _env_int("RANK") if rank is None else rank
         world = 1 if world is None else world
         this = 0 if this is None else this
-    if isinstance(world, bool) or not isinstance(world, (int, np.integer)) or world < 1:
-        raise ValueError(f"num_replicas must be a positive integer, got {world!r}")
-    if isinstance(this, bool) or not isinstance(this, (int, np.integer)) or not 0 <= this < world:
-        raise ValueError(f"rank must be an integer in [0, {world - 1}], got {this!r}")
+    world, this = check_world(world, this)
     local = _env_int("LOCAL_RANK")
     if local is None:
         local_world = _env_int("LOCAL_WORLD_SIZE")
@@ -205,8 +203,7 @@ class ShardedBatchSampler(Sampler[np.ndarray]):
         shuffle: bool = True,
         seed: int = 0,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = check_batch_size(batch_size)
         world, this, _local = world_info(num_replicas, rank)
         lo, hi = n_total // world, -(-n_total // world)
         if partition_size not in (lo, hi):

@@ -6,10 +6,34 @@ import math
 from collections.abc import Iterator, Sized
 from itertools import islice
 
+import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 __all__ = ["BatchDistributedSampler"]
+
+
+def _is_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+def check_batch_size(batch_size) -> int:
+    """batch_size as an int, or ValueError: it must be a positive integer."""
+    if not _is_int(batch_size) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    return int(batch_size)
+
+
+def check_world(num_replicas, rank) -> tuple[int, int]:
+    """(num_replicas, rank) as ints, or ValueError naming the one that is out of range."""
+    if not _is_int(num_replicas) or num_replicas < 1:
+        raise ValueError(f"num_replicas must be a positive integer, got {num_replicas!r}.")
+    if not _is_int(rank) or not 0 <= rank < num_replicas:
+        raise ValueError(
+            f"rank must be an integer in [0, {num_replicas - 1}] for num_replicas={num_replicas}, "
+            f"got {rank!r}."
+        )
+    return int(num_replicas), int(rank)
 
 
 def _resolve_world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
@@ -25,14 +49,7 @@ def _resolve_world(num_replicas: int | None, rank: int | None) -> tuple[int, int
             num_replicas = dist.get_world_size()
         if rank is None:
             rank = dist.get_rank()
-    if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
-        raise ValueError(f"num_replicas must be a positive integer, got {num_replicas!r}.")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
-        raise ValueError(
-            f"rank must be an integer in [0, {num_replicas - 1}] for num_replicas={num_replicas}, "
-            f"got {rank!r}."
-        )
-    return num_replicas, rank
+    return check_world(num_replicas, rank)
 
 
 class BatchDistributedSampler(DistributedSampler):
@@ -67,8 +84,7 @@ class BatchDistributedSampler(DistributedSampler):
         shuffle: bool = True,
         seed: int = 0,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        batch_size = check_batch_size(batch_size)
         num_replicas, rank = _resolve_world(num_replicas, rank)
         # The parent's ``drop_last`` is the dataset-tail switch; scvi-tools names the batch-level
         # switch ``drop_last_batch``, and code written against scvi reads both attributes.

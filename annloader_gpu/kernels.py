@@ -343,17 +343,24 @@ def gather_dense(src: ArrayLike, rows: ArrayLike, out: ArrayLike, *, validate: b
     return out
 
 
-def csc_to_csr(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, shape: tuple[int, int],
-               *, indptr_dtype=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Converts host CSC arrays to CSR arrays (column indices sorted within rows).
+def csc_to_csr(indptr: ArrayLike, indices: ArrayLike, values: ArrayLike, shape: tuple[int, int],
+               *, indptr_dtype=None) -> tuple[ArrayLike, ArrayLike, ArrayLike]:
+    """Converts CSC arrays to CSR arrays (column indices sorted within rows).
 
-    Done once when data is prepared. The output keeps the index and value dtypes; its indptr is
-    int64 unless ``indptr_dtype`` says otherwise (int32 is refused when nnz does not fit).
+    Done once when data is prepared. Host numpy arrays give numpy arrays (multi-threaded C++);
+    CUDA tensors give CUDA tensors (a stable radix sort by row on torch's current stream, one
+    synchronisation to read the nnz; workspace from torch's allocator). The output keeps the
+    index and value dtypes; its indptr is int64 unless ``indptr_dtype`` says otherwise (int32 is
+    refused when nnz does not fit).
     """
     n_rows, n_cols = (int(s) for s in shape)
+    if all(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in (indptr, indices, values)):
+        return _csc_to_csr_cuda(indptr, indices, values, n_rows, n_cols, indptr_dtype)
     for name, a in (("indptr", indptr), ("indices", indices), ("values", values)):
         if not isinstance(a, np.ndarray):
-            raise TypeError(f"csc_to_csr takes host numpy arrays; {name} is {type(a).__name__}")
+            raise TypeError(
+                f"csc_to_csr takes host numpy arrays or CUDA tensors (all three alike); {name} is {type(a).__name__}"
+            )
     csc = _Csr(indptr, indices, values, n_rows, validate=True)  # a CSC is the CSR of the transpose
     if csc.n_rows != n_cols:
         raise ValueError(f"CSC indptr has {csc.n_rows + 1} entries; expected n_cols + 1 = {n_cols + 1}")
@@ -368,6 +375,40 @@ def csc_to_csr(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, shap
                      out_indptr_dtype=_Buffer(out_indptr, "indptr_dtype", ndim=1, allowed=INDEX_DTYPES).dtype,
                      out_indices=out_indices.ctypes.data, out_values=out_values.ctypes.data)
     return out_indptr, out_indices, out_values
+
+
+def _csc_to_csr_cuda(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_rows: int,
+                     n_cols: int, indptr_dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    csc = _Csr(indptr, indices, values, n_rows, validate=True)
+    device = _same_device(csc.indptr, csc.indices, csc.values)
+    if csc.n_rows != n_cols:
+        raise ValueError(f"CSC indptr has {csc.n_rows + 1} entries; expected n_cols + 1 = {n_cols + 1}")
+    if n_cols > torch.iinfo(indices.dtype).max + 1:
+        raise ValueError(f"{indices.dtype} indices cannot hold {n_cols} column numbers")
+    out_dtype = torch.int64 if indptr_dtype is None else torch.from_numpy(np.empty(0, np.dtype(indptr_dtype))).dtype
+    if out_dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indptr_dtype must be int32 or int64, got {indptr_dtype}")
+    nnz = indices.shape[0]
+    if out_dtype == torch.int32 and nnz > np.iinfo(np.int32).max:
+        raise OverflowError(f"{nnz} non-zeros do not fit an int32 indptr; use int64")
+    cuda = require_cuda_module()
+    out_indptr = torch.empty(n_rows + 1, dtype=torch.int64, device=device)
+    out_indices = torch.empty_like(indices)
+    out_values = torch.empty_like(values)
+    workspace_bytes = cuda.csc_to_csr_workspace_bytes(n_rows, nnz)
+    workspace = torch.empty(max(workspace_bytes, 1), dtype=torch.uint8, device=device)
+    cuda.csc_to_csr(**_cuda_call_args(device), **{**csc.args(), "n_rows": n_rows, "n_cols": n_cols},
+                    workspace=workspace.data_ptr(), workspace_bytes=workspace_bytes,
+                    out_indptr=out_indptr.data_ptr(), out_indices=out_indices.data_ptr(),
+                    out_values=out_values.data_ptr(), bad_position=bad_row_slot(device).data_ptr())
+    slot = bad_row_slot(device)
+    position = int(slot.item())
+    if position != _NO_BAD_ROW:
+        slot.fill_(_NO_BAD_ROW)
+        raise IndexError(
+            f"CSC row index {int(indices[position])} at position {position} is out of range for {n_rows} rows"
+        )
+    return out_indptr.to(out_dtype), out_indices, out_values
 
 
 def get_num_threads() -> int:

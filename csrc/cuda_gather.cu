@@ -12,6 +12,8 @@
 #include <tuple>
 
 #include "bindings_common.h"
+#include "cuda_check.h"
+#include "cuda_convert.h"
 #include "dispatch.h"
 #include "kernels_gather.cuh"
 
@@ -19,17 +21,6 @@ namespace py = pybind11;
 
 namespace annloader::cuda {
 namespace {
-
-void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorName(status) + ": " +
-                             cudaGetErrorString(status));
-  }
-}
-
-void check_launch(const char* kernel_name) {
-  check_cuda(cudaGetLastError(), (std::string("launch of ") + kernel_name).c_str());
-}
 
 cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 
@@ -259,6 +250,26 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("out_indptr"), py::arg("out_indices"), py::arg("out_indices_dtype"),
       py::arg("out_values"), py::arg("out_values_dtype"),
       "out_indptr is the int64 batch indptr that csr_batch_indptr filled.");
+
+  m.def("csc_to_csr_workspace_bytes", &cuda::csc_to_csr_workspace_bytes, py::arg("n_rows"), py::arg("nnz"));
+  m.def(
+      "csc_to_csr",
+      [](int device, uintptr_t stream, uintptr_t indptr, const std::string& indptr_dtype, uintptr_t indices,
+         const std::string& indices_dtype, uintptr_t values, const std::string& values_dtype, int64_t n_rows,
+         int64_t n_cols, uintptr_t workspace, int64_t workspace_bytes, uintptr_t out_indptr,
+         uintptr_t out_indices, uintptr_t out_values, uintptr_t bad_position) {
+        cuda::csc_to_csr(device, stream,
+                         make_csr(indptr, indptr_dtype, indices, indices_dtype, values, values_dtype, n_rows,
+                                  n_cols),
+                         as_ptr(workspace), workspace_bytes, static_cast<int64_t*>(as_ptr(out_indptr)),
+                         as_ptr(out_indices), as_ptr(out_values),
+                         reinterpret_cast<unsigned long long*>(bad_position));
+      },
+      py::arg("device"), py::arg("stream"), ANNLOADER_CSR_ARGS, py::arg("workspace"),
+      py::arg("workspace_bytes"), py::arg("out_indptr"), py::arg("out_indices"), py::arg("out_values"),
+      py::arg("bad_position"),
+      "CSC -> CSR on the device (stable radix sort by row; rows come out sorted by column). "
+      "Synchronises once to read the nnz.");
 
   m.def(
       "gather_dense",

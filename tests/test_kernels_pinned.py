@@ -1,4 +1,4 @@
-"""Pinned residency: CUDA kernels reading a matrix that stays in page-locked host memory."""
+"""Pinned residency and GPU-only kernels: CUDA kernels reading page-locked host memory, CSC -> CSR on the GPU."""
 
 import numpy as np
 import pytest
@@ -31,3 +31,37 @@ def test_unpinned_host_arrays_beside_device_arrays_are_refused():
     meta_rows = torch.empty(4, dtype=torch.int64, device="meta")
     with pytest.raises(ValueError, match="one device"):
         kernels.gather_csr_to_dense(m.indptr, m.indices, m.data, 500, meta_rows, torch.empty(4, 500))
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, marks=GPU_MARKS, id="cuda")])
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64, np.uint16])
+@pytest.mark.parametrize("value_dtype", [np.float32, np.float64, np.uint16, np.uint8])
+def test_csc_to_csr_on_gpu_matches_scipy(_, index_dtype, value_dtype):
+    m = _matrix(1)
+    m.data[m.indptr[7]:m.indptr[8]] = 0  # an empty row
+    m.eliminate_zeros()
+    csc = m.tocsc()
+    csc.data = csc.data.astype(value_dtype)
+    arrays = [torch.from_numpy(a).cuda() for a in (csc.indptr, csc.indices.astype(index_dtype), csc.data)]
+    indptr, indices, values = kernels.csc_to_csr(*arrays, m.shape)
+    expected = csc.tocsr()
+    expected.sort_indices()
+    np.testing.assert_array_equal(indptr.cpu().numpy(), expected.indptr)
+    np.testing.assert_array_equal(indices.cpu().numpy(), expected.indices)
+    np.testing.assert_array_equal(values.cpu().numpy(), expected.data)
+    assert indices.dtype == arrays[1].dtype and values.dtype == arrays[2].dtype
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, marks=GPU_MARKS, id="cuda")])
+def test_csc_to_csr_on_gpu_refuses_bad_row_indices(_):
+    indptr = torch.tensor([0, 2, 3], device="cuda")
+    indices = torch.tensor([0, 9, 1], dtype=torch.int32, device="cuda")
+    values = torch.ones(3, device="cuda")
+    with pytest.raises(IndexError, match="row index 9 at position 1"):
+        kernels.csc_to_csr(indptr, indices, values, (4, 2))
+
+
+def test_csc_to_csr_refuses_mixed_inputs():
+    m = _matrix(2).tocsc()
+    with pytest.raises(TypeError, match="numpy arrays or CUDA tensors"):
+        kernels.csc_to_csr(torch.from_numpy(m.indptr), m.indices, m.data, m.shape)

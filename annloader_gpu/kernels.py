@@ -395,7 +395,7 @@ def _csc_to_csr_cuda(indptr: torch.Tensor, indices: torch.Tensor, values: torch.
     out_indptr = torch.empty(n_rows + 1, dtype=torch.int64, device=device)
     out_indices = torch.empty_like(indices)
     out_values = torch.empty_like(values)
-    workspace_bytes = cuda.csc_to_csr_workspace_bytes(n_rows, nnz)
+    workspace_bytes = cuda.csc_to_csr_workspace_bytes(_cuda_call_args(device)["device"], n_rows, nnz)
     workspace = torch.empty(max(workspace_bytes, 1), dtype=torch.uint8, device=device)
     cuda.csc_to_csr(**_cuda_call_args(device), **{**csc.args(), "n_rows": n_rows, "n_cols": n_cols},
                     workspace=workspace.data_ptr(), workspace_bytes=workspace_bytes,

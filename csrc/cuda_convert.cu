@@ -119,7 +119,8 @@ void convert(cudaStream_t stream, const CsrMatrix& csc, int64_t nnz, char* works
 
 }  // namespace
 
-int64_t csc_to_csr_workspace_bytes(int64_t n_rows, int64_t nnz) {
+int64_t csc_to_csr_workspace_bytes(int device, int64_t n_rows, int64_t nnz) {
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");  // cub sizes its workspace for this device
   return fits_32_bits(n_rows, nnz) ? workspace_bytes<int32_t>(nnz) : workspace_bytes<int64_t>(nnz);
 }
 

@@ -8,7 +8,7 @@
 namespace annloader::cuda {
 
 // Bytes of device workspace csc_to_csr needs for a matrix with this many rows and non-zeros.
-int64_t csc_to_csr_workspace_bytes(int64_t n_rows, int64_t nnz);
+int64_t csc_to_csr_workspace_bytes(int device, int64_t n_rows, int64_t nnz);
 
 // `csc` as in cpu::csc_to_csr. out_indptr is int64 (n_rows + 1); out_indices and out_values have
 // the CSC's dtypes. A row index out of range is recorded in bad_position (the output is then

@@ -251,7 +251,8 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("out_values"), py::arg("out_values_dtype"),
       "out_indptr is the int64 batch indptr that csr_batch_indptr filled.");
 
-  m.def("csc_to_csr_workspace_bytes", &cuda::csc_to_csr_workspace_bytes, py::arg("n_rows"), py::arg("nnz"));
+  m.def("csc_to_csr_workspace_bytes", &cuda::csc_to_csr_workspace_bytes, py::arg("device"), py::arg("n_rows"),
+        py::arg("nnz"));
   m.def(
       "csc_to_csr",
       [](int device, uintptr_t stream, uintptr_t indptr, const std::string& indptr_dtype, uintptr_t indices,

@@ -36,3 +36,21 @@ def test_gpu_path_without_gpu_raises_clear_error():
 
     with pytest.raises(annloader_gpu.CudaUnavailableError, match="device='cpu'"):
         require_cuda_module()
+
+
+@pytest.mark.parametrize("module_name", ["_core", "_cuda"])
+def test_typed_stubs_list_exactly_the_compiled_names(module_name):
+    import ast
+    import importlib
+    from pathlib import Path
+
+    try:
+        module = importlib.import_module(f"annloader_gpu.{module_name}")
+    except ImportError:
+        pytest.skip(f"annloader_gpu.{module_name} was not built")
+    stub = Path(annloader_gpu.__file__).with_name(f"{module_name}.pyi")
+    tree = ast.parse(stub.read_text())
+    stubbed = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    stubbed |= {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)}
+    compiled = {name for name in dir(module) if not name.startswith("__")}
+    assert stubbed == compiled

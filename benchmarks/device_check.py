@@ -107,6 +107,19 @@ def check_kernels(device: torch.device, rng: np.random.Generator, quick: bool) -
         kernels.gather_dense(src, rows, out)
         if not torch.equal(out.cpu(), src.cpu()[rows.cpu()].to(out_dtype)):
             failures.append(f"dense->dense float32 -> {out_dtype}")
+    # CSC -> CSR (GPU: stable radix sort; CPU: the threaded conversion) against scipy.
+    for index_dtype in INDEX_DTYPES:
+        m = random_csr(rng, 120, 90, 0.1, np.float32, index_dtype, np.int64).tocsc()
+        m.indices = m.indices.astype(index_dtype)
+        arrays = (m.indptr, m.indices, m.data)
+        if device.type == "cuda":
+            arrays = tuple(torch.from_numpy(a).to(device) for a in arrays)
+        indptr, indices, values = kernels.csc_to_csr(*arrays, m.shape)
+        expected = m.tocsr()
+        expected.sort_indices()
+        got = [a.cpu().numpy() if isinstance(a, torch.Tensor) else a for a in (indptr, indices, values)]
+        if not all(np.array_equal(g, e) for g, e in zip(got, (expected.indptr, expected.indices, expected.data))):
+            failures.append(f"csc->csr {index_dtype.__name__}")
     # Bad rows raise and are never dereferenced.
     m = random_csr(rng, 10, 20, 0.3, np.float32, np.int32, np.int64)
     try:
@@ -267,6 +280,17 @@ def time_loader_loop(device: torch.device, args) -> dict:
         ours = AnnDataLoader(registry, batch_size=batch_size, shuffle=True, device=device)
         drain(ours)
         results[f"ours_b{batch_size}"] = drain(ours)
+        results[f"ours_b{batch_size}_residency"] = ours.residency
+        if device.type == "cuda":
+            pinned = AnnDataLoader(registry, batch_size=batch_size, shuffle=True, device=device, residency="pinned")
+            drain(pinned)
+            results[f"ours_pinned_b{batch_size}"] = drain(pinned)
+            sparse = AnnDataLoader(registry, batch_size=batch_size, shuffle=True, device=device,
+                                   load_sparse_tensor=True)
+            drain(sparse)
+            results[f"ours_sparse_b{batch_size}"] = drain(sparse)
+            log(f"  loop b{batch_size}: pinned {results[f'ours_pinned_b{batch_size}'] / 1e6:.2f} M cells/s, "
+                f"sparse output {results[f'ours_sparse_b{batch_size}'] / 1e6:.2f} M cells/s")
         try:
             import scvi  # noqa: F401
             from scvi.dataloaders import AnnDataLoader as ScviLoader

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole device lease in one call (see ../shared/device/README.md): build for sm_90, run the
+# GPU-marked tests, a memcheck case under compute-sanitizer, and the device check with timings.
+# Everything lands in $OUT. Prepare first, on this machine: ../shared/device/fetch-wheels.sh --scvi
+# Device tool call: carry [".whl"], command "bash benchmarks/device_run.sh", timeout_s 540.
+set -uo pipefail
+REPO=$(pwd)
+OUT=${OUT:-/tmp/device_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site || exit 1
+export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+{ time python3 -m pip install -q --no-build-isolation --no-deps \
+    -Ccmake.define.ANNLOADER_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 . ; } 2>&1 | tail -20 | tee "$OUT/build.log"
+# Import the installed package, not the source tree (which has no compiled modules).
+cd /tmp || exit 1
+python3 -c "import annloader_gpu, json; print(json.dumps(annloader_gpu.build_info()))" | tee "$OUT/build_info.json"
+timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider "$REPO/tests" 2>&1 | tail -40 | tee "$OUT/pytest_gpu.log"
+timeout 120 compute-sanitizer --tool memcheck --error-exitcode 99 \
+  python3 "$REPO/benchmarks/device_check.py" --sanitize-case 2>&1 | tail -30 | tee "$OUT/memcheck.log"
+timeout 240 python3 "$REPO/benchmarks/device_check.py" --out "$OUT" 2>&1 | tee "$OUT/device_check.log"

@@ -100,7 +100,20 @@ def _attached_trainer(datamodule: Any) -> Any:
     return getattr(datamodule, "trainer", None)
 
 
-class AnnLoaderDataModule(DataSplitter):
+class _OurLoaderPlacement:
+    """What both data modules add to scvi-tools' splitters: where batches go, and n_obs."""
+
+    def _place_loaders(self, device: Any, residency: str) -> None:
+        self.device = device
+        self.residency = residency
+
+    # model.train(datamodule=...) reads n_obs for its max_epochs heuristic.
+    @property
+    def n_obs(self) -> int:
+        return int(self.adata_manager.adata.n_obs)
+
+
+class AnnLoaderDataModule(_OurLoaderPlacement, DataSplitter):
     """scvi-tools' ``DataSplitter`` with annloader_gpu's :class:`~annloader_gpu.loader.AnnDataLoader`.
 
     Use it with any unsupervised scvi-tools model (SCVI, LinearSCVI, ...)::
@@ -160,13 +173,7 @@ class AnnLoaderDataModule(DataSplitter):
             batch_size=batch_size,
             **loader_kwargs,
         )
-        self.device = device
-        self.residency = residency
-
-    # model.train(datamodule=...) reads n_obs for its max_epochs heuristic.
-    @property
-    def n_obs(self) -> int:
-        return int(self.adata_manager.adata.n_obs)
+        self._place_loaders(device, residency)
 
     def _make_loader(self, indices: np.ndarray, *, shuffle: bool, drop_last: bool) -> AnnDataLoader:
         return self.data_loader_cls(
@@ -303,7 +310,7 @@ class SemiSupervisedAnnDataLoader(DataLoader):
         return zip(*iter_list, strict=True)
 
 
-class SemiSupervisedAnnLoaderDataModule(SemiSupervisedDataSplitter):
+class SemiSupervisedAnnLoaderDataModule(_OurLoaderPlacement, SemiSupervisedDataSplitter):
     """scvi-tools' ``SemiSupervisedDataSplitter`` (SCANVI) with annloader_gpu loaders.
 
     The split of labelled and unlabelled cells is scvi-tools' own. When the data has labelled
@@ -339,12 +346,7 @@ class SemiSupervisedAnnLoaderDataModule(SemiSupervisedDataSplitter):
             batch_size=batch_size,
             **loader_kwargs,
         )
-        self.device = device
-        self.residency = residency
-
-    @property
-    def n_obs(self) -> int:
-        return int(self.adata_manager.adata.n_obs)
+        self._place_loaders(device, residency)
 
     def setup(self, stage: str | None = None):
         """scvi-tools' split, then our loader classes in place of scvi-tools'."""

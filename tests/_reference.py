@@ -41,13 +41,12 @@ def to_format(counts: np.ndarray, x_format: str, int64_indptr: bool = False):
     return matrix
 
 
-def make_adata(x_format: str = "csr", n_obs: int = 97, n_vars: int = 31, seed: int = 0,
-               int64_indptr: bool = False) -> ad.AnnData:
-    rng = np.random.default_rng(seed + 1)
-    counts = make_counts(n_obs, n_vars, seed)
-    obs = pd.DataFrame(
+def make_obs(rng: np.random.Generator, n_obs: int) -> pd.DataFrame:
+    """obs with every kind of column scvi-tools registers: categorical, integer, bool, float."""
+    return pd.DataFrame(
         {
             "batch": rng.choice(["b2", "b0", "b1"], n_obs),
+            # Explicit category order plus an unused category: scvi keeps both.
             "cell_type": pd.Categorical(rng.choice(["t", "b", "nk"], n_obs), categories=["nk", "t", "b", "unused"]),
             "donor": rng.integers(10, 14, n_obs),
             "is_treated": rng.choice([True, False], n_obs),
@@ -57,6 +56,13 @@ def make_adata(x_format: str = "csr", n_obs: int = 97, n_vars: int = 31, seed: i
         },
         index=[f"cell{i}" for i in range(n_obs)],
     )
+
+
+def make_adata(x_format: str = "csr", n_obs: int = 97, n_vars: int = 31, seed: int = 0,
+               int64_indptr: bool = False) -> ad.AnnData:
+    rng = np.random.default_rng(seed + 1)
+    counts = make_counts(n_obs, n_vars, seed)
+    obs = make_obs(rng, n_obs)
     adata = ad.AnnData(to_format(counts, x_format, int64_indptr), obs=obs,
                        var=pd.DataFrame(index=[f"gene{j}" for j in range(n_vars)]))
     adata.layers["counts"] = to_format(counts * 2, x_format, int64_indptr)

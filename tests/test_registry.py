@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from _reference import FULL_SETUP, make_obs
+
 from annloader_gpu.registry import (
     REGISTRY_KEYS,
     AnnDataRegistry,
@@ -19,13 +21,6 @@ from annloader_gpu.registry import (
     setup_anndata,
 )
 
-FULL_SETUP = dict(
-    batch_key="batch",
-    labels_key="cell_type",
-    size_factor_key="size_factor",
-    categorical_covariate_keys=["donor", "is_treated"],
-    continuous_covariate_keys=["percent_mito", "n_genes"],
-)
 
 
 def make_adata(
@@ -35,21 +30,7 @@ def make_adata(
     rng = np.random.default_rng(seed)
     counts = rng.poisson(0.7, size=(n_obs, n_vars)).astype(np.float32)
     x = {"dense": counts, "csr": sp.csr_matrix(counts), "csc": sp.csc_matrix(counts)}[x_format]
-    obs = pd.DataFrame(
-        {
-            "batch": rng.choice(["b2", "b0", "b1"], n_obs),
-            # Explicit category order plus an unused category: scvi keeps both.
-            "cell_type": pd.Categorical(
-                rng.choice(["t", "b", "nk"], n_obs), categories=["nk", "t", "b", "unused"]
-            ),
-            "donor": rng.integers(10, 14, n_obs),
-            "is_treated": rng.choice([True, False], n_obs),
-            "size_factor": rng.uniform(0.5, 2.0, n_obs),
-            "percent_mito": rng.uniform(0, 0.2, n_obs).astype(np.float32),
-            "n_genes": rng.integers(100, 3000, n_obs),
-        },
-        index=[f"cell{i}" for i in range(n_obs)],
-    )
+    obs = make_obs(rng, n_obs)
     adata = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"gene{j}" for j in range(n_vars)]))
     adata.layers["counts_int"] = sp.csr_matrix(counts.astype(np.int64))
     adata.layers["fortran"] = np.asfortranarray(counts * 2)

@@ -477,6 +477,7 @@ class LoaderResult:
     roof_fraction: float | None = None
     resident_bytes: int | None = None
     resident_where: str | None = None
+    setup_host_bytes: int | None = None  # growth of the process's resident set during set-up
     bytes_per_nonzero: float | None = None
     output: str = "dense"
     notes: list[str] = field(default_factory=list)
@@ -683,6 +684,7 @@ def _set_up(name: str, adata, cfg: BenchConfig, batch_size: int, device: torch.d
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     t0 = time.perf_counter()
+    rss_before = current_rss_bytes()
     try:
         loader, resident, where, notes = _FACTORIES[name](adata, cfg, batch_size, device, cache)
     except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
@@ -691,6 +693,9 @@ def _set_up(name: str, adata, cfg: BenchConfig, batch_size: int, device: torch.d
         result.available, result.reason = False, f"could not be set up ({type(exc).__name__}: {exc})"
         return result, None
     result.setup_seconds = time.perf_counter() - t0
+    rss_after = current_rss_bytes()
+    if rss_before is not None and rss_after is not None:
+        result.setup_host_bytes = rss_after - rss_before
     result.notes.extend(notes)
     if name == ANNLOADER:
         obs_keys = [k for k in (cfg.batch_key, cfg.labels_key) if k is not None]
@@ -801,7 +806,25 @@ def run_benchmark(adata, cfg: BenchConfig, *, progress: bool | None = None,
                 log(f"  {res.loader}: not measured: {res.reason}")
     rs = [asdict(r) for r in results]
     return {"device": str(device), "load_average": {"before": load_before, "after": load_average()},
-            "roofs": roofs, "results": rs, "ratios": ratios(rs)}
+            "roofs": roofs, "results": rs, "ratios": ratios(rs), "host_peak_bytes": peak_rss_bytes()}
+
+
+def current_rss_bytes() -> int | None:
+    """The process's resident set now (Linux /proc), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident set so far (the whole run: data, loaders, baselines)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
 def load_average() -> list[float] | None:

@@ -248,6 +248,12 @@ def _print_bench(report: dict) -> None:
         ])
     _out(render_table(["loader", "batch", "cells/s", "batches/s", "out GB/s", "of roof", "resident", "B/nnz",
                        "ours/theirs"], rows))
+    ours_setup = [r["setup_host_bytes"] for r in report["results"]
+                  if r["loader"] == bench.OURS and r.get("setup_host_bytes") is not None]
+    if ours_setup or report.get("host_peak_bytes"):
+        _out(f"Host memory: our set-up grew the process by {fmt_bytes(max(ours_setup)) if ours_setup else '?'} "
+             f"(first build of the prepared copy); peak resident set of the whole run "
+             f"{fmt_bytes(report.get('host_peak_bytes'))} (data, every loader and baseline)")
     notes = []
     for r in report["results"]:
         if not r["available"]:

@@ -95,6 +95,10 @@ def test_bench_json_has_expected_fields(capsys, tmp_path):
         assert ours["bytes_per_nonzero"] < 4.1
     ratios = {(r["batch_size"], r["theirs"]): r["ours_over_theirs"] for r in report["ratios"]}
     assert ratios[(128, "in-process scvi-style")] > 0
+    # host memory is part of the report: the run's peak holds at least the data itself
+    assert report["host_peak_bytes"] > report["data"]["n_obs"] * report["data"]["n_vars"] // 100
+    assert isinstance(by[("annloader_gpu", 128)]["setup_host_bytes"], int)
+    assert "Host memory:" in out
     # and the table was printed
     assert "cells/s" in out and "ours/theirs" in out and "annloader_gpu" in out
 

@@ -26,8 +26,14 @@ def cuda_import_error() -> str | None:
 
 
 def gpu_usable() -> bool:
-    """True when the CUDA module is compiled in and a CUDA device answers."""
-    return _cuda is not None and _cuda.device_count() > 0
+    """True when the CUDA module is compiled in, a CUDA device answers, and torch can use it.
+
+    torch allocates every GPU tensor the kernels read and write, so a CPU-only torch build makes
+    the GPU path unusable even where the kernels and a device are present.
+    """
+    import torch
+
+    return _cuda is not None and _cuda.device_count() > 0 and torch.cuda.is_available()
 
 
 def require_cuda_module() -> ModuleType:
@@ -41,4 +47,11 @@ def require_cuda_module() -> ModuleType:
     if _cuda.device_count() == 0:
         reason = _cuda.device_count_error() or "no CUDA device found"
         raise CudaUnavailableError(f"annloader_gpu has CUDA kernels but no usable GPU: {reason}; use device='cpu'")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CudaUnavailableError(
+            f"torch {torch.__version__} was built without CUDA, so it cannot allocate GPU tensors; "
+            "install a CUDA build of torch, or use device='cpu'"
+        )
     return _cuda

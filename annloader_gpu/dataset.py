@@ -337,13 +337,31 @@ def _require_numeric(dtype: np.dtype, where: str) -> None:
         raise ValueError(f"{where} has dtype {dtype}; expected a real numeric (int, float or bool) dtype")
 
 
-def _storable(values: np.ndarray) -> np.ndarray:
-    """values in a lossless dtype the kernels read (compact when annloader_gpu.compact is there)."""
+def _has_negative_zero(values: np.ndarray) -> bool:
+    """Whether a float array holds -0.0 (scanned in blocks, no full-size temporaries)."""
+    flat = values.reshape(-1)
+    for start in range(0, len(flat), _SCAN_BLOCK):
+        block = flat[start:start + _SCAN_BLOCK]
+        if bool(np.any(np.signbit(block) & (block == 0))):
+            return True
+    return False
+
+
+def _storable(values: np.ndarray, *, keep_negative_zero: bool = False) -> np.ndarray:
+    """values in a lossless dtype the kernels read (compact when annloader_gpu.compact is there).
+
+    keep_negative_zero: dense sources keep the sign of -0.0 (scvi-tools' batches are slices of
+    them). Sparse ones need not: scipy's toarray() adds stored values onto zeros, so an explicit
+    -0.0 comes out of scvi-tools' dense batches as +0.0, as it does from integer storage.
+    """
     if compact_value_dtype is not None:
         try:
             target = compact_value_dtype(values)
         except TypeError:
             target = None
+        if (keep_negative_zero and target is not None and target.kind in "ui" and values.dtype.kind == "f"
+                and _has_negative_zero(values)):
+            target = None  # an integer dtype would turn -0.0 into +0.0 (its sign shows in 1/x, copysign)
         if target is not None and target in _KERNEL_VALUE_DTYPES:
             return values.astype(target, copy=False)
     if values.dtype in _KERNEL_VALUE_DTYPES:
@@ -411,6 +429,11 @@ def _sparse_storage(matrix: Any, where: str) -> CsrStorage | HostFallbackStorage
     n_major, n_minor = (n_rows, n_cols) if fmt == "csr" else (n_cols, n_rows)
     _check_compressed(indptr, indices, n_major, n_minor, where, fmt)
     nnz = int(indptr[-1])
+    if data.ndim != 1 or len(data) < nnz:
+        raise ValueError(
+            f"{where} ({fmt.upper()}) has {len(data)} stored values (shape {data.shape}) for nnz={nnz} "
+            "indices; the matrix is corrupt"
+        )
     indices, data = indices[:nnz], data[:nnz]
     index_dtype = _scipy_slice_index_dtype(matrix)
     try:
@@ -443,7 +466,8 @@ def _dense_storage(array: np.ndarray, where: str) -> DenseStorage | HostFallback
     if squeeze:
         array = array.reshape(-1, 1)
     try:
-        values = _storable(array.reshape(-1) if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(-1))
+        values = _storable(array.reshape(-1) if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(-1),
+                           keep_negative_zero=True)
     except TypeError:
         return HostFallbackStorage(array.reshape(-1) if squeeze else array)
     return DenseStorage(np.ascontiguousarray(values.reshape(array.shape)), squeeze=squeeze)
@@ -526,11 +550,16 @@ class Field:
         self.storage = storage
         self.dtype = np.dtype(dtype)
         sparse_source = storage.kind == "csr" or (storage.kind == "fallback" and sp.issparse(storage.source))
+        self.sparse_source = bool(sparse_source)
         self.sparse_output = bool(sparse_output) and sparse_source
         # The kernels write float32/64/16 and int32/64. Other requested dtypes (bool, uint8, int16,
         # ...) are gathered exactly into float64/int64 (the storage is lossless) and then cast
         # with numpy, which is what scvi-tools' astype does from the source.
-        if self.dtype in _KERNEL_OUTPUT_DTYPES or storage.kind == "fallback":
+        if storage.kind != "fallback" and self.dtype == np.float16 and storage.value_dtype == "float64":
+            # The compiled cast to float16 goes through float32: rounding twice can land one
+            # float16 step away from numpy's (scvi-tools') single rounding. Gather float64 exactly.
+            self.kernel_dtype = np.dtype(np.float64)
+        elif self.dtype in _KERNEL_OUTPUT_DTYPES or storage.kind == "fallback":
             self.kernel_dtype = self.dtype
         else:
             stored_float = storage.value_dtype.startswith(("float", "bfloat"))
@@ -613,7 +642,8 @@ class Field:
         nnz = bound.batch_indptr(rows_t, torch.from_numpy(indptr))
         indices = pool.empty_flat(nnz, index_dtype) if pool is not None else np.empty(nnz, index_dtype)
         values = pool.empty_flat(nnz, self.dtype) if pool is not None and exact else np.empty(nnz, self.kernel_dtype)
-        bound.to_csr(rows_t, torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(values))
+        bound.to_csr(rows_t, torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(values),
+                     trusted_indptr=True)  # batch_indptr just filled it for these rows
         if not exact:
             values = values.astype(self.dtype)
         with _quiet_sparse_constructors():
@@ -750,9 +780,26 @@ class PreparedData:
         """One batch: {key: gathered rows}. rows: int64 (host numpy, or a tensor on the fields' device)."""
         return {key: f.gather(rows, pool, as_numpy) for key, f in self.fields.items()}
 
+    def single(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A one-row batch as scvi-tools gives one observation indexed by a scalar.
+
+        ``array[i]`` drops the leading dimension of dense arrays and data frames (a 1-D source
+        gives a scalar), while a scipy sparse matrix indexed by ``i`` stays ``(1, n_cols)``.
+        """
+        return {key: value if self.fields[key].sparse_source else value[0] for key, value in batch.items()}
+
 
 # --------------------------------------------------------------------------------------------
 # AnnDataset: what loader.dataset is (scvi-tools' Subset(AnnTorchDataset, indices))
+
+
+def is_scalar_position(item: Any) -> bool:
+    """Whether a sampler item or dataset key names one position (an int, or a 0-d array or tensor)."""
+    if isinstance(item, (bool, np.bool_)):
+        return False
+    if isinstance(item, (int, np.integer)):
+        return True
+    return isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 0
 
 
 def normalize_indices(indices: Any, n_obs: int) -> np.ndarray:
@@ -819,9 +866,12 @@ class AnnDataset(Dataset):
         return self.indices[positions]
 
     def __getitem__(self, positions) -> Mapping[str, Any]:
-        if isinstance(positions, (int, np.integer)):
-            positions = [int(positions)]
+        scalar = is_scalar_position(positions)
+        if isinstance(positions, torch.Tensor):
+            positions = positions.detach().cpu().numpy()
         if isinstance(positions, slice):
             positions = np.arange(len(self.indices))[positions]
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
-        return self.data.fetch(self.rows(positions), pool=None, as_numpy=True)
+        batch = self.data.fetch(self.rows(positions), pool=None, as_numpy=True)
+        # scvi's Subset maps a scalar to one observation: dense fields lose the batch dimension.
+        return self.data.single(batch) if scalar else batch

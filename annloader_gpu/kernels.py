@@ -305,8 +305,7 @@ def gather_csr_to_csr(indptr: ArrayLike, indices: ArrayLike, values: ArrayLike, 
         raise ValueError(f"out_indices {idx.shape} and out_values {val.shape} must have equal length")
     device = _same_device(matrix.indptr, matrix.indices, matrix.values, batch, ptr, idx, val)
     if device.type == "cpu":
-        if _first(out_indptr, -1) != idx.shape[0]:
-            raise ValueError(f"out_indptr ends at {_first(out_indptr, -1)} but out_indices has {idx.shape[0]} entries")
+        _require_batch_indptr(matrix.indptr, matrix.n_rows, batch, ptr, idx.shape[0])
         _core.gather_csr_to_csr(**matrix.args(), **_rows_args(batch), out_indptr=ptr.address,
                                 out_indptr_dtype=ptr.dtype, out_indices=idx.address,
                                 out_indices_dtype=idx.dtype, out_values=val.address,
@@ -319,6 +318,22 @@ def gather_csr_to_csr(indptr: ArrayLike, indices: ArrayLike, values: ArrayLike, 
                            out_indptr=ptr.address, out_indices=idx.address,
                            out_indices_dtype=idx.dtype, out_values=val.address,
                            out_values_dtype=val.dtype)
+
+
+def _require_batch_indptr(src_indptr: _Buffer, n_rows: int, batch: _Buffer, ptr: _Buffer, nnz: int) -> None:
+    """On the CPU: out_indptr must be exactly what csr_batch_indptr gives for these rows.
+
+    The compiled copy writes each row at out_indptr[i] and trusts it: offsets that disagree with
+    the rows' lengths would write past out_indices/out_values. O(batch) to check.
+    """
+    actual = ptr.array.detach().numpy() if isinstance(ptr.array, torch.Tensor) else ptr.array
+    if int(actual[-1]) != nnz:
+        raise ValueError(f"out_indptr ends at {int(actual[-1])} but out_indices has {nnz} entries")
+    expected = np.empty(ptr.shape[0], dtype=np.int32 if ptr.dtype == "int32" else np.int64)
+    _core.csr_batch_indptr(src_indptr.address, src_indptr.dtype, n_rows, batch.address, batch.dtype,
+                           batch.shape[0], expected.ctypes.data, ptr.dtype)
+    if not np.array_equal(actual, expected):
+        raise ValueError("out_indptr does not match the rows' lengths; fill it with csr_batch_indptr for the same rows")
 
 
 def gather_dense(src: ArrayLike, rows: ArrayLike, out: ArrayLike, *, validate: bool = True) -> ArrayLike:
@@ -490,6 +505,7 @@ class BoundCsr(_Bound):
         matrix = _Csr(indptr, indices, values, n_cols, validate)
         super().__init__(_execution_device((matrix.indptr, matrix.indices, matrix.values), device))
         self._arrays = (indptr, indices, values)  # keeps the memory alive while bound
+        self._indptr = matrix.indptr
         self.n_rows, self.n_cols = matrix.n_rows, matrix.n_cols
         self._args = (matrix.indptr.address, matrix.indptr.dtype, matrix.indices.address, matrix.indices.dtype,
                       matrix.values.address, matrix.values.dtype, matrix.n_rows, matrix.n_cols)
@@ -518,8 +534,13 @@ class BoundCsr(_Bound):
                                     *r, p[0], self._bad_slot)
         return None
 
-    def to_csr(self, rows: ArrayLike, out_indptr: ArrayLike, out_indices: ArrayLike, out_values: ArrayLike) -> None:
-        """See :func:`gather_csr_to_csr`; out_indptr is what :meth:`batch_indptr` filled."""
+    def to_csr(self, rows: ArrayLike, out_indptr: ArrayLike, out_indices: ArrayLike, out_values: ArrayLike, *,
+               trusted_indptr: bool = False) -> None:
+        """See :func:`gather_csr_to_csr`; out_indptr is what :meth:`batch_indptr` filled.
+
+        On the CPU out_indptr is checked against the rows (O(batch)) unless ``trusted_indptr``
+        says the caller itself just filled it with :meth:`batch_indptr` for these rows.
+        """
         r = self._fast_rows(rows)
         fast = None
         if r is not None:
@@ -534,8 +555,11 @@ class BoundCsr(_Bound):
             return
         p, i, v = fast
         if self._cuda is None:
-            # The kernel trusts out_indptr; its last entry must match the output length.
-            if int(out_indptr[-1]) != nnz:
+            # The kernel trusts out_indptr: it must be what batch_indptr gives for these rows.
+            if not trusted_indptr:
+                _require_batch_indptr(self._indptr, self.n_rows, _Buffer(rows, "rows", ndim=1, allowed=INDEX_DTYPES),
+                                      _Buffer(out_indptr, "out_indptr", ndim=1, allowed=INDEX_DTYPES), nnz)
+            elif int(out_indptr[-1]) != nnz:
                 raise ValueError(f"out_indptr ends at {int(out_indptr[-1])} but out_indices has {nnz} entries")
             _core.gather_csr_to_csr(*self._args, *r, *p, *i, *v)
         else:

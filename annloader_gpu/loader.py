@@ -19,7 +19,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, S
 from torch.utils.data._utils.collate import default_convert
 
 from ._cuda_module import CudaUnavailableError, gpu_usable, require_cuda_module
-from .dataset import AnnDataset, PreparedData, normalize_indices
+from .dataset import AnnDataset, PreparedData, is_scalar_position, normalize_indices
 
 __all__ = ["AnnDataLoader", "RESIDENCIES", "DEVICE_MEMORY_BUDGET"]
 
@@ -189,9 +189,12 @@ class AnnDataLoader(DataLoader):
         **kwargs,
     ):
         # --- everything that can be checked before touching the data -----------------------
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-            raise ValueError(f"batch_size should be a positive integer value, but got batch_size={batch_size!r}")
-        batch_size = int(batch_size)
+        # As in scvi-tools, batch_size only sizes the default (or distributed) sampler's batches: with
+        # a user sampler it is ignored (DataLoader groups the sampler's items one at a time).
+        if sampler is None:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+                raise ValueError(f"batch_size should be a positive integer value, but got batch_size={batch_size!r}")
+            batch_size = int(batch_size)
         if sampler is not None and distributed_sampler:
             raise ValueError("Cannot specify both `sampler` and `distributed_sampler`.")
         if residency not in RESIDENCIES:
@@ -290,7 +293,6 @@ class _BatchIterator:
 
     def __init__(self, loader: AnnDataLoader):
         self._loader = loader
-        self._length = len(loader)
         # DataLoader's single-process iterator draws a base seed from the loader's generator
         # (the global RNG by default) before sampling; doing the same keeps shuffling identical
         # to scvi-tools' loader under torch.manual_seed.
@@ -311,7 +313,8 @@ class _BatchIterator:
         return self
 
     def __len__(self) -> int:
-        return self._length
+        # Asked only when needed: a user sampler without __len__ still iterates, as with DataLoader.
+        return len(self._loader)
 
     def _position_batches(self):
         """Sampler items; for the default sampler, ready row arrays (see _epoch_row_batches)."""
@@ -362,12 +365,14 @@ class _BatchIterator:
 
     def _fetch(self, item, as_numpy: bool) -> dict[str, Any]:
         if self._rows_ready:
-            rows = item
-        else:
-            rows = self._rows(item)
-            if self._gpu_rows:
-                rows = torch.from_numpy(rows).to(self._device)
-        return self._dataset.data.fetch(rows, pool=self._pool, as_numpy=as_numpy)
+            return self._dataset.data.fetch(item, pool=self._pool, as_numpy=as_numpy)
+        rows = self._rows(item)
+        if self._gpu_rows:
+            rows = torch.from_numpy(rows).to(self._device)
+        batch = self._dataset.data.fetch(rows, pool=self._pool, as_numpy=as_numpy)
+        # A scalar position is one observation without a batch dimension, as scvi-tools' Subset
+        # gives it: dense fields lose their leading dimension, sparse ones keep (1, n_cols).
+        return self._dataset.data.single(batch) if is_scalar_position(item) else batch
 
     def _to_output_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self._device.type != "cpu" and not self._gpu_rows:  # residency="host" on a GPU

@@ -471,6 +471,12 @@ def _require_canonical_compressed(matrix: Any, where: str) -> None:
             f"{where} ({fmt}) has an indptr that is not non-decreasing from 0 to at most "
             f"nnz={len(indices)}; the matrix is corrupt, rebuild it from its source data."
         )
+    data = np.asarray(matrix.data)
+    if data.ndim != 1 or len(data) < indptr[-1]:
+        raise ValueError(
+            f"{where} ({fmt}) has {len(data)} stored values for nnz={int(indptr[-1])} indices; "
+            "the matrix is corrupt, rebuild it from its source data."
+        )
     stored = indices[: indptr[-1]]
     if len(stored) and (stored.min() < 0 or stored.max() >= n_minor):
         raise ValueError(

@@ -449,6 +449,13 @@ def _sparse_storage(matrix: Any, where: str) -> CsrStorage | HostFallbackStorage
     if compact_index_dtype is not None:
         indices = indices.astype(compact_index_dtype(n_cols), copy=False)
         indptr = indptr.astype(compact_indptr_dtype(nnz), copy=False)
+    # The structure is never shared with the user's matrix: an in-place edit of it (say
+    # eliminate_zeros()) after set-up must not turn validated row bounds into wild reads. indptr
+    # is small; indices are copied only where no compact conversion already made them ours.
+    if np.shares_memory(indptr, matrix.indptr):
+        indptr = indptr.copy()
+    if np.shares_memory(indices, matrix.indices):
+        indices = indices.copy()
     return CsrStorage(np.ascontiguousarray(indptr), np.ascontiguousarray(indices), np.ascontiguousarray(data),
                       n_rows, n_cols, source_format=fmt, batch_index_dtype=index_dtype)
 

@@ -218,3 +218,19 @@ def test_interleaved_iterators_and_threads_see_correct_batches(load_sparse_tenso
     for thread in threads:
         thread.join()
     assert not failures, failures[0]
+
+
+def test_prepared_structure_is_not_shared_with_the_users_matrix():
+    import scipy.sparse as sp
+
+    from annloader_gpu.dataset import build_storage
+
+    for n_cols in (30, 70_000):  # compact uint16 indices, and int32 indices kept as they are
+        m = sp.random(20, n_cols, density=0.01, format="csr", random_state=0, dtype=np.float32)
+        m.data[:] = 1.5
+        storage = build_storage(m, "X", 20)
+        assert not np.shares_memory(storage.indptr, m.indptr)
+        assert not np.shares_memory(storage.indices, m.indices)
+        before = storage.indptr.copy()
+        m.indptr[1:] = 0  # an in-place edit after set-up does not reach the prepared copy
+        np.testing.assert_array_equal(storage.indptr, before)

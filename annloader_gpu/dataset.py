@@ -260,7 +260,7 @@ class CsrStorage:
     kind = "csr"
 
     def __init__(self, indptr, indices, values, n_rows: int, n_cols: int, *, source_format: str = "csr",
-                 batch_index_dtype: np.dtype = np.dtype(np.int32)):
+                 batch_index_dtype: np.dtype | type = np.int32):
         self.indptr, self.indices, self.values = indptr, indices, values
         self.n_rows, self.n_cols = int(n_rows), int(n_cols)
         self.source_format = source_format  # "csr" or "csc": the layout of sparse outputs

@@ -45,7 +45,6 @@ from typing import Any
 import numpy as np
 
 try:  # scvi-tools is an optional dependency of annloader_gpu
-    import scvi
     from scvi import REGISTRY_KEYS
     from scvi import settings as scvi_settings
     from scvi.data._utils import get_anndata_attribute

@@ -28,7 +28,6 @@ import ctypes
 import os
 import platform
 import statistics
-import subprocess
 import time
 
 import numpy as np

@@ -320,6 +320,11 @@ def gather_csr_to_csr(indptr: ArrayLike, indices: ArrayLike, values: ArrayLike, 
                            out_values_dtype=val.dtype)
 
 
+def _require_indptr_end(out_indptr: ArrayLike, nnz: int) -> None:
+    if int(out_indptr[-1]) != nnz:
+        raise ValueError(f"out_indptr ends at {int(out_indptr[-1])} but out_indices has {nnz} entries")
+
+
 def _require_batch_indptr(src_indptr: _Buffer, n_rows: int, batch: _Buffer, ptr: _Buffer, nnz: int) -> None:
     """On the CPU: out_indptr must be exactly what csr_batch_indptr gives for these rows.
 
@@ -327,8 +332,7 @@ def _require_batch_indptr(src_indptr: _Buffer, n_rows: int, batch: _Buffer, ptr:
     the rows' lengths would write past out_indices/out_values. O(batch) to check.
     """
     actual = ptr.array.detach().numpy() if isinstance(ptr.array, torch.Tensor) else ptr.array
-    if int(actual[-1]) != nnz:
-        raise ValueError(f"out_indptr ends at {int(actual[-1])} but out_indices has {nnz} entries")
+    _require_indptr_end(actual, nnz)
     expected = np.empty(ptr.shape[0], dtype=np.int32 if ptr.dtype == "int32" else np.int64)
     _core.csr_batch_indptr(src_indptr.address, src_indptr.dtype, n_rows, batch.address, batch.dtype,
                            batch.shape[0], expected.ctypes.data, ptr.dtype)
@@ -559,8 +563,8 @@ class BoundCsr(_Bound):
             if not trusted_indptr:
                 _require_batch_indptr(self._indptr, self.n_rows, _Buffer(rows, "rows", ndim=1, allowed=INDEX_DTYPES),
                                       _Buffer(out_indptr, "out_indptr", ndim=1, allowed=INDEX_DTYPES), nnz)
-            elif int(out_indptr[-1]) != nnz:
-                raise ValueError(f"out_indptr ends at {int(out_indptr[-1])} but out_indices has {nnz} entries")
+            else:
+                _require_indptr_end(out_indptr, nnz)
             _core.gather_csr_to_csr(*self._args, *r, *p, *i, *v)
         else:
             self._cuda.gather_csr_to_csr(self._device_index, self._stream(), *self._args, *r, p[0], *i, *v)

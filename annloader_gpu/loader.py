@@ -20,6 +20,7 @@ from torch.utils.data._utils.collate import default_convert
 
 from ._cuda_module import CudaUnavailableError, gpu_usable, require_cuda_module
 from .dataset import AnnDataset, PreparedData, is_scalar_position, normalize_indices
+from .sampler import check_batch_size
 
 __all__ = ["AnnDataLoader", "RESIDENCIES", "DEVICE_MEMORY_BUDGET"]
 
@@ -192,9 +193,7 @@ class AnnDataLoader(DataLoader):
         # As in scvi-tools, batch_size only sizes the default (or distributed) sampler's batches: with
         # a user sampler it is ignored (DataLoader groups the sampler's items one at a time).
         if sampler is None:
-            if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-                raise ValueError(f"batch_size should be a positive integer value, but got batch_size={batch_size!r}")
-            batch_size = int(batch_size)
+            batch_size = check_batch_size(batch_size)
         if sampler is not None and distributed_sampler:
             raise ValueError("Cannot specify both `sampler` and `distributed_sampler`.")
         if residency not in RESIDENCIES:

@@ -872,6 +872,21 @@ class AnnDataset(Dataset):
             return positions
         return self.indices[positions]
 
+    def device_rows(self, positions: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Observation rows for positions already on a CUDA device (int64, no host round trip).
+
+        The positions come from a permutation of ``range(len(self))`` drawn on the device, so
+        they are in range by construction.
+        """
+        positions = positions.to(device=device, dtype=torch.int64)
+        if self.is_identity:
+            return positions
+        cache = self.__dict__.setdefault("_device_indices", {})
+        indices = cache.get(device)
+        if indices is None:
+            indices = cache[device] = torch.from_numpy(self.indices).to(device)
+        return indices[positions]
+
     def __getitem__(self, positions) -> Mapping[str, Any]:
         scalar = is_scalar_position(positions)
         if isinstance(positions, torch.Tensor):

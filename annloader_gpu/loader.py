@@ -108,19 +108,31 @@ def place(prepared: PreparedData, device: torch.device, residency: str, requeste
         ) from exc
 
 
-def _random_sampler_order(sampler: RandomSampler, n: int) -> np.ndarray:
+def _random_sampler_order(sampler: RandomSampler, n: int) -> np.ndarray | torch.Tensor:
     """The order ``iter(sampler)`` yields, drawing the same random numbers (no per-item Python).
 
     Mirrors ``RandomSampler.__iter__`` without replacement: with no generator it seeds a fresh
     one from the global RNG; then one ``torch.randperm``. Parity tests against scvi-tools' loader
-    under ``torch.manual_seed`` check this stays true.
+    under ``torch.manual_seed`` check this stays true. A CUDA generator draws the permutation on
+    its GPU (a CUDA tensor; no host work and no upload).
     """
     generator = sampler.generator
+    if generator is not None and generator.device.type == "cuda":
+        return torch.randperm(n, generator=generator, device=generator.device)
     if generator is None:
         seed = int(torch.empty((), dtype=torch.int64).random_().item())
         generator = torch.Generator()
         generator.manual_seed(seed)
     return torch.randperm(n, generator=generator).numpy()
+
+
+def _upload(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """rows on device in one asynchronous copy from page-locked memory (no host synchronisation).
+
+    torch's caching host allocator keeps the pinned staging block until the copy has finished.
+    """
+    host = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class AnnDataLoader(DataLoader):
@@ -169,6 +181,16 @@ class AnnDataLoader(DataLoader):
     residency
         Where the prepared data lives when device is a GPU: "device" (GPU memory), "pinned",
         "host" (gathered on the CPU, then copied), or "auto". On the CPU only "auto" and "host".
+    prefetch
+        With the CUDA kernels gathering (residency "device" or "pinned"), gather the next batch on
+        a side stream while the current one is consumed. Batches are handed over with stream
+        ordering (the consumer's stream waits for the gather; the caching allocator is told the
+        tensors are used there), so batches the consumer keeps are never overwritten. No effect
+        on the CPU.
+
+    Shuffling on the GPU: pass ``generator=torch.Generator(device="cuda")`` (seeded as you like)
+    to draw each epoch's permutation on the GPU; the default (a CPU generator, or none) draws it
+    on the host exactly as scvi-tools' ``RandomSampler`` does and uploads it once per epoch.
     """
 
     def __init__(
@@ -187,6 +209,7 @@ class AnnDataLoader(DataLoader):
         *,
         device: Any = None,
         residency: str = "auto",
+        prefetch: bool = True,
         **kwargs,
     ):
         # --- everything that can be checked before touching the data -----------------------
@@ -201,6 +224,10 @@ class AnnDataLoader(DataLoader):
         self.device = resolve_device(device, iter_ndarray=iter_ndarray)
         if iter_ndarray and self.device.type != "cpu":
             raise ValueError("iter_ndarray=True yields host numpy arrays; use device='cpu' (or leave device unset)")
+        if not isinstance(prefetch, (bool, np.bool_)):
+            raise TypeError(f"prefetch must be True or False, got {prefetch!r}")
+        self.prefetch = bool(prefetch)
+        _check_generator(kwargs.get("generator"), self.device)
         try:
             from .registry import as_registry
         except ImportError:  # pragma: no cover - registry.py is part of the package
@@ -286,6 +313,70 @@ class AnnDataLoader(DataLoader):
     def __iter__(self) -> _BatchIterator:
         return _BatchIterator(self)
 
+    def _prefetch_stream(self) -> torch.cuda.Stream:
+        stream = self.__dict__.get("_side_stream")
+        if stream is None:
+            stream = self.__dict__["_side_stream"] = _new_stream(self.device)
+        return stream
+
+
+def _check_generator(generator: Any, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    where = generator.device
+    if where.type == "cpu":
+        return
+    if where.type != "cuda" or device.type != "cuda":
+        raise ValueError(
+            f"generator lives on {where} but batches are gathered on {device}; use a CPU generator "
+            f"(torch.Generator()) or a generator on the loader's device"
+        )
+    index = where.index if where.index is not None else torch.cuda.current_device()
+    if index != device.index:
+        raise ValueError(f"generator lives on cuda:{index} but the loader's device is {device}")
+
+
+def _record_stream(value: Any, stream: torch.cuda.Stream) -> None:
+    """Tells the caching allocator that value's tensors are used on stream (any nesting)."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cuda":
+            return
+        layout = value.layout
+        if layout == torch.sparse_csr:
+            parts = (value.crow_indices(), value.col_indices(), value.values())
+        elif layout == torch.sparse_csc:
+            parts = (value.ccol_indices(), value.row_indices(), value.values())
+        elif layout == torch.sparse_coo:
+            parts = (value._indices(), value._values())
+        else:
+            parts = (value,)
+        for part in parts:
+            part.record_stream(stream)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _record_stream(item, stream)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _record_stream(item, stream)
+
+
+_NOT_STARTED = object()
+
+
+# Stream access goes through these three so the hand-over logic can be checked without a GPU.
+def _current_stream(device: torch.device) -> Any:
+    return torch.cuda.current_stream(device)
+
+
+def _on_stream(stream: Any) -> Any:
+    return torch.cuda.stream(stream)
+
+
+def _new_stream(device: torch.device) -> Any:
+    return torch.cuda.Stream(device)
+
 
 class _BatchIterator:
     """Yields the loader's batches, bypassing DataLoader's fetcher (one gather per field)."""
@@ -295,7 +386,9 @@ class _BatchIterator:
         # DataLoader's single-process iterator draws a base seed from the loader's generator
         # (the global RNG by default) before sampling; doing the same keeps shuffling identical
         # to scvi-tools' loader under torch.manual_seed.
-        torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
+        generator = loader.generator
+        seed_device = generator.device if generator is not None else torch.device("cpu")
+        torch.empty((), dtype=torch.int64, device=seed_device).random_(generator=generator)
         dataset = loader.dataset
         self._dataset = dataset
         self._device = loader.device
@@ -307,6 +400,13 @@ class _BatchIterator:
         collate = loader.collate_fn
         self._mode = "tensor" if collate is default_convert else ("ndarray" if collate is _identity else "custom")
         self._pin = bool(loader.pin_memory) and self._device.type == "cpu" and torch.cuda.is_available()
+        # Prefetching: the next batch is gathered on a side stream while the consumer uses this one.
+        self._side_stream = None
+        self._pending: Any = _NOT_STARTED
+        if self._gpu_rows and loader.prefetch:
+            self._side_stream = loader._prefetch_stream()
+            # The resident data was placed on the consumer's stream: order the gathers after it.
+            self._side_stream.wait_stream(_current_stream(self._device))
 
     def __iter__(self) -> _BatchIterator:
         return self
@@ -341,10 +441,16 @@ class _BatchIterator:
         beyond slicing; the permutation itself is drawn on the host exactly as RandomSampler
         draws it, so the order equals scvi-tools' for the same seed.
         """
-        positions = np.arange(n, dtype=np.int64) if order is None else order.astype(np.int64, copy=False)
-        rows = self._dataset.rows(positions)
-        if self._gpu_rows:
-            rows = torch.from_numpy(np.ascontiguousarray(rows)).to(self._device)
+        if isinstance(order, torch.Tensor):  # drawn on the GPU by a CUDA generator
+            if self._gpu_rows:
+                rows = self._dataset.device_rows(order, self._device)
+            else:
+                rows = self._dataset.rows(order.cpu().numpy())
+        else:
+            positions = np.arange(n, dtype=np.int64) if order is None else order.astype(np.int64, copy=False)
+            rows = self._dataset.rows(positions)
+            if self._gpu_rows:
+                rows = _upload(rows, self._device)
         stop = (n // size) * size if drop_last else n
         for start in range(0, stop, size):
             yield rows[start:min(start + size, n)]
@@ -367,7 +473,7 @@ class _BatchIterator:
             return self._dataset.data.fetch(item, pool=self._pool, as_numpy=as_numpy)
         rows = self._rows(item)
         if self._gpu_rows:
-            rows = torch.from_numpy(rows).to(self._device)
+            rows = _upload(rows, self._device)
         batch = self._dataset.data.fetch(rows, pool=self._pool, as_numpy=as_numpy)
         # A scalar position is one observation without a batch dimension, as scvi-tools' Subset
         # gives it: dense fields lose their leading dimension, sparse ones keep (1, n_cols).
@@ -383,6 +489,32 @@ class _BatchIterator:
         return batch
 
     def __next__(self) -> Any:
+        if self._side_stream is None:
+            return self._next_batch()
+        if self._pending is _NOT_STARTED:
+            self._pending = self._prefetch()
+        ready = self._pending
+        if isinstance(ready, BaseException):
+            raise ready  # exhausted (or failed) for good: it stays pending
+        consumer = _current_stream(self._device)
+        consumer.wait_stream(self._side_stream)  # ordered after this batch's gathers
+        _record_stream(ready, consumer)
+        self._pending = self._prefetch()  # the next batch's gathers overlap the consumer's work
+        return ready
+
+    def _prefetch(self) -> Any:
+        """The next batch gathered on the side stream, or the exception its gathering raised.
+
+        An exception (StopIteration at the end) is raised when the batch would have been
+        returned, so errors surface in order.
+        """
+        with _on_stream(self._side_stream):
+            try:
+                return self._next_batch()
+            except Exception as exc:  # noqa: BLE001 - re-raised in order by __next__
+                return exc
+
+    def _next_batch(self) -> Any:
         item = next(self._batches)
         loader = self._loader
         if loader._auto_collation:

@@ -1,0 +1,204 @@
+"""Side-stream prefetch and GPU shuffling of the loader.
+
+The hand-over logic (which stream waits for which, when tensors are recorded on the consumer's
+stream, in which order errors surface) is checked on the CPU with a fake stream; the real
+streams, the caching allocator and CUDA generators are checked on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+import annloader_gpu
+from annloader_gpu import AnnDataLoader
+from annloader_gpu import loader as loader_module
+from annloader_gpu.registry import setup_anndata
+from test_loader import assert_batches_equal, make_adata
+
+gpu = pytest.mark.skipif(not annloader_gpu.gpu_usable(), reason="needs a usable CUDA GPU")
+
+
+class _FakeStream:
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other: _FakeStream) -> None:
+        self.log.append(("wait", self.name, other.name))
+
+
+@pytest.fixture
+def fake_streams(monkeypatch):
+    """Routes the loader's stream calls to fakes that log what happens, in order."""
+    log: list = []
+    consumer, side = _FakeStream("consumer", log), _FakeStream("side", log)
+    state = {"current": consumer}
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        previous, state["current"] = state["current"], stream
+        log.append(("enter", stream.name))
+        try:
+            yield
+        finally:
+            state["current"] = previous
+            log.append(("exit", stream.name))
+
+    def record(batch, stream):
+        log.append(("record", stream.name, int(batch["X"].sum()) if isinstance(batch, dict) else None))
+
+    monkeypatch.setattr(loader_module, "_current_stream", lambda device: state["current"])
+    monkeypatch.setattr(loader_module, "_on_stream", on_stream)
+    monkeypatch.setattr(loader_module, "_record_stream", record)
+    return log, side
+
+
+def _prefetching_iterator(loader: AnnDataLoader, side: _FakeStream):
+    """A CPU loader's iterator driven through the prefetch path (as a GPU loader's would be)."""
+    iterator = iter(loader)
+    iterator._side_stream = side
+    iterator._pending = loader_module._NOT_STARTED
+    side.wait_stream(loader_module._current_stream(loader.device))
+    return iterator
+
+
+def test_prefetch_hands_over_each_batch_after_the_consumer_waits(fake_streams):
+    log, side = fake_streams
+    registry = setup_anndata(make_adata("csr"))
+    loader = AnnDataLoader(registry, device="cpu", batch_size=32)
+    expected = list(loader)
+    actual = list(_prefetching_iterator(loader, side))
+    assert_batches_equal(expected, actual)
+    sums = [int(batch["X"].sum()) for batch in expected]
+    # Per batch: the consumer waits for the side stream, the batch is recorded on the consumer's
+    # stream, and only then is the next batch gathered on the side stream.
+    handed = [entry for entry in log if entry[0] in ("wait", "record")]
+    assert handed[0] == ("wait", "side", "consumer")  # gathers ordered after the placed data
+    assert handed[1:] == [e for s in sums for e in (("wait", "consumer", "side"), ("record", "consumer", s))]
+    # One gather ahead: len(batches) + 1 side-stream sections (the last one finds the end).
+    assert log.count(("enter", "side")) == len(expected) + 1
+    first_record = log.index(("record", "consumer", sums[0]))
+    assert log[first_record + 1] == ("enter", "side")
+
+
+def test_prefetch_raises_errors_at_the_batch_they_belong_to(fake_streams):
+    _log, side = fake_streams
+    registry = setup_anndata(make_adata("csr"))
+    n_obs = registry.adata.n_obs
+    sampler = [[0, 1], [2, 3], [n_obs + 5], [4]]  # the third item is out of range
+    loader = AnnDataLoader(registry, device="cpu", sampler=sampler)
+    iterator = _prefetching_iterator(loader, side)
+    first, second = next(iterator), next(iterator)  # collated: a leading dimension of 1
+    assert first["X"].shape[:2] == (1, 2) and second["X"].shape[:2] == (1, 2)
+    with pytest.raises(IndexError):
+        next(iterator)
+    with pytest.raises(IndexError):  # the iterator stays failed, as a generator would
+        next(iterator)
+
+
+def test_prefetch_iterator_stays_exhausted(fake_streams):
+    _log, side = fake_streams
+    loader = AnnDataLoader(setup_anndata(make_adata("csr")), device="cpu", batch_size=1000)
+    iterator = _prefetching_iterator(loader, side)
+    next(iterator)
+    for _ in range(2):
+        with pytest.raises(StopIteration):
+            next(iterator)
+
+
+@pytest.mark.parametrize("prefetch", [1, "yes", None])
+def test_prefetch_must_be_a_bool(prefetch):
+    with pytest.raises(TypeError, match="prefetch must be True or False"):
+        AnnDataLoader(setup_anndata(make_adata("csr")), device="cpu", prefetch=prefetch)
+
+
+def test_prefetch_is_a_no_op_on_the_cpu():
+    registry = setup_anndata(make_adata("csr"))
+    on = list(AnnDataLoader(registry, device="cpu", batch_size=16, prefetch=True))
+    off = list(AnnDataLoader(registry, device="cpu", batch_size=16, prefetch=False))
+    assert_batches_equal(off, on)
+
+
+def test_generator_must_be_a_generator():
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        AnnDataLoader(setup_anndata(make_adata("csr")), device="cpu", shuffle=True, generator=3)
+
+
+# --- on a GPU ----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("residency", ["device", "pinned"])
+@pytest.mark.parametrize("load_sparse_tensor", [False, True])
+def test_gpu_prefetch_batches_survive_a_slow_consumer(residency, load_sparse_tensor):
+    """Batches the consumer still reads (or has dropped while its stream is behind) stay intact."""
+    registry = setup_anndata(make_adata("csr"))
+    kwargs = dict(batch_size=8, residency=residency, load_sparse_tensor=load_sparse_tensor)
+    expected = [{k: v.cpu() for k, v in b.items()} for b in AnnDataLoader(registry, device="cuda",
+                                                                             prefetch=False, **kwargs)]
+    loader = AnnDataLoader(registry, device="cuda", prefetch=True, **kwargs)
+    kept, sums = {}, []
+    for i, batch in enumerate(loader):
+        torch.cuda._sleep(2_000_000)  # the consumer's stream falls behind the side stream
+        x = batch["X"].to_dense() if batch["X"].layout != torch.strided else batch["X"]
+        sums.append(x.sum(dtype=torch.float64))
+        if i % 2 == 0:
+            kept[i] = batch  # kept batches must never be overwritten
+        del batch, x  # the others are freed while the consumer's stream may still be reading them
+    torch.cuda.synchronize()
+    assert_batches_equal([expected[i] for i in kept], [{k: v.cpu() for k, v in b.items()} for b in kept.values()])
+    expected_sums = [float((b["X"].to_dense() if b["X"].layout != torch.strided else b["X"]).double().sum())
+                     for b in expected]
+    assert [float(s) for s in sums] == pytest.approx(expected_sums, rel=1e-12)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_prefetch_with_user_stream_and_dropped_batches():
+    registry = setup_anndata(make_adata("csr"))
+    expected = [b["X"].cpu() for b in AnnDataLoader(registry, device="cuda", batch_size=8, prefetch=False)]
+    stream = torch.cuda.Stream()
+    totals = torch.zeros((), dtype=torch.float64, device="cuda")
+    with torch.cuda.stream(stream):
+        for batch in AnnDataLoader(registry, device="cuda", batch_size=8, prefetch=True):
+            torch.cuda._sleep(1_000_000)
+            totals += batch["X"].double().sum()
+    torch.cuda.synchronize()
+    assert float(totals) == pytest.approx(float(sum(x.double().sum() for x in expected)), rel=1e-12)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("indices", [None, np.arange(100)[::-3]])
+def test_gpu_generator_shuffles_on_the_device(indices):
+    registry = setup_anndata(make_adata("csr"))
+    n = registry.adata.n_obs if indices is None else len(indices)
+    chosen = np.arange(registry.adata.n_obs) if indices is None else indices
+
+    def epoch(seed):
+        generator = torch.Generator(device="cuda").manual_seed(seed)
+        loader = AnnDataLoader(registry, device="cuda", batch_size=16, shuffle=True, indices=indices,
+                               generator=generator)
+        return [{k: v.cpu() for k, v in b.items()} for b in loader]
+
+    order = epoch(5)
+    assert_batches_equal(order, epoch(5))
+    assert not all(torch.equal(a["X"], b["X"]) for a, b in zip(order, epoch(6)))
+    # The chosen rows in the order torch.randperm draws on the device with that seed.
+    permutation = torch.randperm(n, generator=torch.Generator(device="cuda").manual_seed(5), device="cuda")
+    expected = AnnDataLoader(registry, device="cpu", batch_size=16, indices=chosen[permutation.cpu().numpy()])
+    assert_batches_equal(list(expected), order)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_generator_on_another_device_or_with_cpu_batches_is_refused():
+    registry = setup_anndata(make_adata("csr"))
+    generator = torch.Generator(device="cuda")
+    with pytest.raises(ValueError, match="generator lives on cuda"):
+        AnnDataLoader(registry, device="cpu", shuffle=True, generator=generator)
+

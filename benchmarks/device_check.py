@@ -291,6 +291,17 @@ def time_loader_loop(device: torch.device, args) -> dict:
             results[f"ours_sparse_b{batch_size}"] = drain(sparse)
             log(f"  loop b{batch_size}: pinned {results[f'ours_pinned_b{batch_size}'] / 1e6:.2f} M cells/s, "
                 f"sparse output {results[f'ours_sparse_b{batch_size}'] / 1e6:.2f} M cells/s")
+            variants = {
+                "no_prefetch": dict(prefetch=False),
+                "gpu_shuffle": dict(generator=torch.Generator(device=device).manual_seed(0)),
+            }
+            for label, extra in variants.items():
+                variant = AnnDataLoader(registry, batch_size=batch_size, shuffle=True, device=device, **extra)
+                drain(variant)
+                results[f"ours_{label}_b{batch_size}"] = drain(variant)
+            log(f"  loop b{batch_size}: without prefetch "
+                f"{results[f'ours_no_prefetch_b{batch_size}'] / 1e6:.2f} M cells/s, shuffled on the GPU "
+                f"{results[f'ours_gpu_shuffle_b{batch_size}'] / 1e6:.2f} M cells/s")
         try:
             import scvi  # noqa: F401
             from scvi.dataloaders import AnnDataLoader as ScviLoader

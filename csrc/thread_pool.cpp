@@ -101,7 +101,12 @@ std::mutex g_pool_mutex;
 ThreadPool* g_pool = nullptr;  // leaked on purpose: joining at interpreter exit can deadlock
 int g_num_threads = 0;         // 0: not chosen yet
 
-int default_num_threads() { return std::max(1u, std::thread::hardware_concurrency()); }
+// Asked once: glibc answers hardware_concurrency() by reading sysfs, ~10 us a call, which the
+// inline path of every small gather would otherwise pay.
+int default_num_threads() {
+  static const int n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return n;
+}
 
 void forget_pool_in_child() {
   // Only the forking thread survives a fork: the old workers are gone and the mutex may be held

@@ -126,6 +126,21 @@ def _same_device(*buffers: _Buffer) -> torch.device:
     return device
 
 
+def _require_written_on(device: torch.device, *outputs: tuple[_Buffer, str]) -> None:
+    """CUDA kernels write their outputs asynchronously: outputs must be on the device itself.
+
+    (Inputs may be pinned host memory, which kernels read in place; an output there would be
+    filled after the call returned, behind the caller's back.)
+    """
+    if device.type != "cuda":
+        return
+    for buffer, role in outputs:
+        if buffer.device != device:
+            raise ValueError(
+                f"{role} must be on {device} (CUDA kernels write it asynchronously), got {buffer.device}"
+            )
+
+
 def _require_contiguous_output(out: _Buffer, role: str) -> None:
     # A (B, 0) tensor has no bytes; torch gives it row stride 1, which is still contiguous.
     if len(out.shape) == 2 and out.shape[0] > 1 and out.shape[1] > 0 and out.row_stride != out.shape[1]:
@@ -205,6 +220,14 @@ def bad_row_slot(device: torch.device) -> torch.Tensor:
     return slot
 
 
+def fresh_bad_row_slot(device: torch.device) -> torch.Tensor:
+    """The bad-row slot, reset on the current stream (no synchronisation) before a checked call,
+    so that a record left by an unchecked call elsewhere is not reported as this call's."""
+    slot = bad_row_slot(device)
+    slot.fill_(_NO_BAD_ROW)
+    return slot
+
+
 def raise_if_bad_rows(device: torch.device, rows: ArrayLike | None = None, n_rows: int | None = None) -> None:
     """Synchronises with the device and raises IndexError if a kernel met a bad row index."""
     slot = bad_row_slot(device)
@@ -234,7 +257,7 @@ def check_rows(rows: ArrayLike, n_rows: int) -> None:
         return
     cuda = require_cuda_module()
     cuda.check_rows(**_cuda_call_args(device), **_rows_args(buf), n_rows=n_rows,
-                    bad_position=bad_row_slot(device).data_ptr())
+                    bad_position=fresh_bad_row_slot(device).data_ptr())
     raise_if_bad_rows(device, rows, n_rows)
 
 
@@ -248,14 +271,15 @@ def gather_csr_to_dense(indptr: ArrayLike, indices: ArrayLike, values: ArrayLike
     if target.shape != (batch.shape[0], matrix.n_cols):
         raise ValueError(f"out has shape {target.shape}; expected {(batch.shape[0], matrix.n_cols)}")
     device = _same_device(matrix.indptr, matrix.indices, matrix.values, batch, target)
+    _require_written_on(device, (target, "out"))
     if device.type == "cpu":
         _core.gather_csr_to_dense(**matrix.args(), **_rows_args(batch), out=target.address,
                                   out_dtype=target.dtype)
         return out
     cuda = require_cuda_module()
+    slot = fresh_bad_row_slot(device) if validate else bad_row_slot(device)
     cuda.gather_csr_to_dense(**_cuda_call_args(device), **matrix.args(), **_rows_args(batch),
-                             out=target.address, out_dtype=target.dtype,
-                             bad_position=bad_row_slot(device).data_ptr())
+                             out=target.address, out_dtype=target.dtype, bad_position=slot.data_ptr())
     if validate:
         raise_if_bad_rows(device, rows, matrix.n_rows)
     return out
@@ -274,6 +298,7 @@ def csr_batch_indptr(indptr: ArrayLike, rows: ArrayLike, out_indptr: ArrayLike, 
     if target.shape[0] != batch.shape[0] + 1:
         raise ValueError(f"out_indptr has {target.shape[0]} entries; expected {batch.shape[0] + 1}")
     device = _same_device(src, batch, target)
+    _require_written_on(device, (target, "out_indptr"))
     n_rows = src.shape[0] - 1
     if device.type == "cpu":
         return _core.csr_batch_indptr(indptr=src.address, indptr_dtype=src.dtype, n_rows=n_rows,
@@ -282,9 +307,10 @@ def csr_batch_indptr(indptr: ArrayLike, rows: ArrayLike, out_indptr: ArrayLike, 
     if target.dtype != "int64":
         raise TypeError("on the GPU out_indptr must be int64 (cast the finished indptr if needed)")
     cuda = require_cuda_module()
+    slot = fresh_bad_row_slot(device) if validate else bad_row_slot(device)
     cuda.csr_batch_indptr(**_cuda_call_args(device), indptr=src.address, indptr_dtype=src.dtype,
                           n_rows=n_rows, **_rows_args(batch), out_indptr=target.address,
-                          bad_position=bad_row_slot(device).data_ptr())
+                          bad_position=slot.data_ptr())
     if validate:
         raise_if_bad_rows(device, rows, n_rows)
     return None
@@ -304,6 +330,7 @@ def gather_csr_to_csr(indptr: ArrayLike, indices: ArrayLike, values: ArrayLike, 
     if idx.shape != val.shape:
         raise ValueError(f"out_indices {idx.shape} and out_values {val.shape} must have equal length")
     device = _same_device(matrix.indptr, matrix.indices, matrix.values, batch, ptr, idx, val)
+    _require_written_on(device, (idx, "out_indices"), (val, "out_values"))
     if device.type == "cpu":
         _require_batch_indptr(matrix.indptr, matrix.n_rows, batch, ptr, idx.shape[0])
         _core.gather_csr_to_csr(**matrix.args(), **_rows_args(batch), out_indptr=ptr.address,
@@ -313,11 +340,15 @@ def gather_csr_to_csr(indptr: ArrayLike, indices: ArrayLike, values: ArrayLike, 
         return
     if ptr.dtype != "int64":
         raise TypeError("on the GPU out_indptr must be the int64 indptr csr_batch_indptr filled")
+    if ptr.device != device:
+        raise ValueError(f"out_indptr must be on {device}, got {ptr.device}")
+    if validate:  # one read of out_indptr[-1]; the kernels never write past out_indices either way
+        _require_indptr_end(ptr.array, idx.shape[0])
     cuda = require_cuda_module()
     cuda.gather_csr_to_csr(**_cuda_call_args(device), **matrix.args(), **_rows_args(batch),
                            out_indptr=ptr.address, out_indices=idx.address,
                            out_indices_dtype=idx.dtype, out_values=val.address,
-                           out_values_dtype=val.dtype)
+                           out_values_dtype=val.dtype, out_nnz=idx.shape[0])
 
 
 def _require_indptr_end(out_indptr: ArrayLike, nnz: int) -> None:
@@ -349,6 +380,7 @@ def gather_dense(src: ArrayLike, rows: ArrayLike, out: ArrayLike, *, validate: b
     if target.shape != (batch.shape[0], source.shape[1]):
         raise ValueError(f"out has shape {target.shape}; expected {(batch.shape[0], source.shape[1])}")
     device = _same_device(source, batch, target)
+    _require_written_on(device, (target, "out"))
     args = dict(values=source.address, values_dtype=source.dtype, n_rows=source.shape[0],
                 n_cols=source.shape[1], row_stride=source.row_stride, **_rows_args(batch),
                 out=target.address, out_dtype=target.dtype)
@@ -356,7 +388,8 @@ def gather_dense(src: ArrayLike, rows: ArrayLike, out: ArrayLike, *, validate: b
         _core.gather_dense(**args)
         return out
     cuda = require_cuda_module()
-    cuda.gather_dense(**_cuda_call_args(device), **args, bad_position=bad_row_slot(device).data_ptr())
+    slot = fresh_bad_row_slot(device) if validate else bad_row_slot(device)
+    cuda.gather_dense(**_cuda_call_args(device), **args, bad_position=slot.data_ptr())
     if validate:
         raise_if_bad_rows(device, rows, source.shape[0])
     return out
@@ -419,7 +452,7 @@ def _csc_to_csr_cuda(indptr: torch.Tensor, indices: torch.Tensor, values: torch.
     cuda.csc_to_csr(**_cuda_call_args(device), **{**csc.args(), "n_rows": n_rows, "n_cols": n_cols},
                     workspace=workspace.data_ptr(), workspace_bytes=workspace_bytes,
                     out_indptr=out_indptr.data_ptr(), out_indices=out_indices.data_ptr(),
-                    out_values=out_values.data_ptr(), bad_position=bad_row_slot(device).data_ptr())
+                    out_values=out_values.data_ptr(), bad_position=fresh_bad_row_slot(device).data_ptr())
     slot = bad_row_slot(device)
     position = int(slot.item())
     if position != _NO_BAD_ROW:
@@ -567,7 +600,7 @@ class BoundCsr(_Bound):
                 _require_indptr_end(out_indptr, nnz)
             _core.gather_csr_to_csr(*self._args, *r, *p, *i, *v)
         else:
-            self._cuda.gather_csr_to_csr(self._device_index, self._stream(), *self._args, *r, p[0], *i, *v)
+            self._cuda.gather_csr_to_csr(self._device_index, self._stream(), *self._args, *r, p[0], *i, *v, nnz)
 
     def _fast_vector(self, array, length: int, names: dict) -> tuple[int, str] | None:
         if (type(array) is torch.Tensor and array.device == self.device and array.dim() == 1

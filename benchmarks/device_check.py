@@ -40,26 +40,37 @@ def log(*parts) -> None:
 # --- correctness ------------------------------------------------------------------------------
 
 
+class RawCsr:
+    """CSR arrays kept in exactly the dtypes asked for (scipy's constructor would cast the index
+    arrays back to int32), plus the shape."""
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, shape: tuple[int, int]):
+        self.indptr, self.indices, self.data, self.shape = indptr, indices, data, shape
+
+    def scipy(self) -> sp.csr_matrix:
+        return sp.csr_matrix((self.data.astype(np.float64), self.indices.astype(np.int64),
+                              self.indptr.astype(np.int64)), shape=self.shape)
+
+
 def random_csr(rng: np.random.Generator, n_rows: int, n_cols: int, density: float, value_dtype,
-               index_dtype, indptr_dtype) -> sp.csr_matrix:
+               index_dtype, indptr_dtype) -> RawCsr:
     m = sp.random(n_rows, n_cols, density=density, format="csr", random_state=rng, dtype=np.float64)
     m.data = rng.integers(1, 200, m.nnz).astype(np.float64)  # exact in every value dtype
     if n_rows > 2:
         m.data[m.indptr[1]:m.indptr[2]] = 0  # an empty row
         m.eliminate_zeros()
-    out = sp.csr_matrix((m.data.astype(value_dtype), m.indices.astype(index_dtype),
-                         m.indptr.astype(indptr_dtype)), shape=m.shape)
+    out = RawCsr(m.indptr.astype(indptr_dtype), m.indices.astype(index_dtype), m.data.astype(value_dtype), m.shape)
     # Unsorted columns within rows are part of the contract.
     for r in range(0, n_rows, 3):
         lo, hi = out.indptr[r], out.indptr[r + 1]
         out.indices[lo:hi] = out.indices[lo:hi][::-1].copy()
         out.data[lo:hi] = out.data[lo:hi][::-1].copy()
+    assert out.indices.dtype == np.dtype(index_dtype) and out.indptr.dtype == np.dtype(indptr_dtype)
     return out
 
 
-def reference_dense(m: sp.csr_matrix, rows: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    canonical = sp.csr_matrix((m.data.astype(np.float64), m.indices.astype(np.int64), m.indptr), shape=m.shape)
-    return torch.from_numpy(canonical[rows].toarray()).to(dtype)
+def reference_dense(m: RawCsr, rows: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(m.scipy()[rows].toarray()).to(dtype)
 
 
 def poison(shape, dtype, device) -> torch.Tensor:
@@ -109,9 +120,8 @@ def check_kernels(device: torch.device, rng: np.random.Generator, quick: bool) -
             failures.append(f"dense->dense float32 -> {out_dtype}")
     # CSC -> CSR (GPU: stable radix sort; CPU: the threaded conversion) against scipy.
     for index_dtype in INDEX_DTYPES:
-        m = random_csr(rng, 120, 90, 0.1, np.float32, index_dtype, np.int64).tocsc()
-        m.indices = m.indices.astype(index_dtype)
-        arrays = (m.indptr, m.indices, m.data)
+        m = random_csr(rng, 120, 90, 0.1, np.float32, index_dtype, np.int64).scipy().astype(np.float32).tocsc()
+        arrays = (m.indptr, m.indices.astype(index_dtype), m.data)
         if device.type == "cuda":
             arrays = tuple(torch.from_numpy(a).to(device) for a in arrays)
         indptr, indices, values = kernels.csc_to_csr(*arrays, m.shape)

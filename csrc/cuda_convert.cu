@@ -36,12 +36,13 @@ int end_bit_for(int64_t n_rows) {
   return bits;
 }
 
+// The double-buffer sort ping-pongs between the two slots we already hold for keys and for
+// positions, so cub's own temporary storage stays small (no extra 2 x nnz copies).
 template <typename Int>
 size_t sort_temp_bytes(int64_t nnz) {
   size_t bytes = 0;
-  check_cuda(cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const Int*>(nullptr),
-                                             static_cast<Int*>(nullptr), static_cast<const Int*>(nullptr),
-                                             static_cast<Int*>(nullptr), nnz),
+  cub::DoubleBuffer<Int> keys(nullptr, nullptr), positions(nullptr, nullptr);
+  check_cuda(cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, positions, nnz),
              "cub::DeviceRadixSort::SortPairs (workspace query)");
   return bytes;
 }
@@ -51,10 +52,6 @@ int64_t workspace_bytes(int64_t nnz) {
   return 4 * aligned(nnz * int64_t(sizeof(Int))) + aligned(static_cast<int64_t>(sort_temp_bytes<Int>(nnz)));
 }
 
-struct Bytes1 { uint8_t b[1]; };
-struct Bytes2 { uint8_t b[2]; };
-struct Bytes4 { uint8_t b[4]; };
-struct Bytes8 { uint8_t b[8]; };
 
 // The CSC's nnz (its last indptr entry), read from the device: the one synchronisation.
 int64_t read_nnz(const CsrMatrix& csc, cudaStream_t stream) {
@@ -78,10 +75,9 @@ void convert(cudaStream_t stream, const CsrMatrix& csc, int64_t nnz, char* works
                                 " bytes is too small; need " + std::to_string(workspace_bytes<Int>(nnz)));
   }
   const int64_t slot = aligned(nnz * int64_t(sizeof(Int)));
-  Int* keys_in = reinterpret_cast<Int*>(workspace);
-  Int* keys_out = reinterpret_cast<Int*>(workspace + slot);
-  Int* positions_in = reinterpret_cast<Int*>(workspace + 2 * slot);
-  Int* positions_out = reinterpret_cast<Int*>(workspace + 3 * slot);
+  cub::DoubleBuffer<Int> keys(reinterpret_cast<Int*>(workspace), reinterpret_cast<Int*>(workspace + slot));
+  cub::DoubleBuffer<Int> positions(reinterpret_cast<Int*>(workspace + 2 * slot),
+                                   reinterpret_cast<Int*>(workspace + 3 * slot));
   void* sort_temp = workspace + 4 * slot;
   size_t sort_bytes = sort_temp_bytes<Int>(nnz);
 
@@ -89,45 +85,49 @@ void convert(cudaStream_t stream, const CsrMatrix& csc, int64_t nnz, char* works
     using Idx = typename decltype(idx_tag)::type;
     if (nnz > 0) {
       csc_sort_keys_kernel<Idx, Int><<<blocks_for(nnz), kThreads, 0, stream>>>(
-          static_cast<const Idx*>(csc.indices), nnz, csc.n_rows, keys_in, positions_in, bad_position);
+          static_cast<const Idx*>(csc.indices), nnz, csc.n_rows, keys.Current(), positions.Current(),
+          bad_position);
       check_launch("csc_sort_keys_kernel");
-      // LSD radix sort is stable: equal rows keep their CSC (column) order.
-      check_cuda(cub::DeviceRadixSort::SortPairs(sort_temp, sort_bytes, keys_in, keys_out, positions_in,
-                                                 positions_out, nnz, 0, end_bit_for(csc.n_rows), stream),
+      // LSD radix sort is stable: equal rows keep their CSC (column) order. The sorted data ends
+      // up in whichever slot Current() names afterwards.
+      check_cuda(cub::DeviceRadixSort::SortPairs(sort_temp, sort_bytes, keys, positions, nnz, 0,
+                                                 end_bit_for(csc.n_rows), stream),
                  "cub::DeviceRadixSort::SortPairs");
       auto scatter = [&](auto elem_tag) {
         using Elem = typename decltype(elem_tag)::type;
         csc_scatter_sorted_kernel<Idx, Elem, Int><<<blocks_for(nnz), kThreads, 0, stream>>>(
-            csc.indptr, indptr64, csc.n_cols, static_cast<const Elem*>(csc.values), positions_out, nnz,
+            csc.indptr, indptr64, csc.n_cols, static_cast<const Elem*>(csc.values), positions.Current(), nnz,
             static_cast<Idx*>(out_indices), static_cast<Elem*>(out_values));
         check_launch("csc_scatter_sorted_kernel");
       };
       int64_t elem = 0;
       dispatch_value(csc.values_dtype, [&](auto tag) { elem = sizeof(typename decltype(tag)::type); });
       switch (elem) {
-        case 1: scatter(Tag<Bytes1>{}); break;
-        case 2: scatter(Tag<Bytes2>{}); break;
-        case 4: scatter(Tag<Bytes4>{}); break;
-        default: scatter(Tag<Bytes8>{}); break;
+        // Values are moved, not decoded: an unsigned integer of the same width moves each one in
+        // a single aligned access (torch aligns allocations to the element size).
+        case 1: scatter(Tag<uint8_t>{}); break;
+        case 2: scatter(Tag<uint16_t>{}); break;
+        case 4: scatter(Tag<uint32_t>{}); break;
+        default: scatter(Tag<uint64_t>{}); break;
       }
     }
   });
   csr_indptr_from_sorted_rows_kernel<Int><<<blocks_for(csc.n_rows + 1), kThreads, 0, stream>>>(
-      keys_out, nnz, csc.n_rows, out_indptr);
+      keys.Current(), nnz, csc.n_rows, out_indptr);
   check_launch("csr_indptr_from_sorted_rows_kernel");
 }
 
 }  // namespace
 
 int64_t csc_to_csr_workspace_bytes(int device, int64_t n_rows, int64_t nnz) {
-  check_cuda(cudaSetDevice(device), "cudaSetDevice");  // cub sizes its workspace for this device
+  const DeviceGuard guard(device);  // cub sizes its workspace for this device
   return fits_32_bits(n_rows, nnz) ? workspace_bytes<int32_t>(nnz) : workspace_bytes<int64_t>(nnz);
 }
 
 void csc_to_csr(int device, uintptr_t stream, const CsrMatrix& csc, void* workspace, int64_t workspace_size,
                 int64_t* out_indptr, void* out_indices, void* out_values, unsigned long long* bad_position) {
   check_column_index_capacity(csc.indices_dtype, csc.n_cols);
-  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  const DeviceGuard guard(device);
   auto* s = reinterpret_cast<cudaStream_t>(stream);
   auto* ws = static_cast<char*>(workspace);
   const int64_t nnz = read_nnz(csc, s);

@@ -40,29 +40,37 @@ int64_t output_element_size(DType t) {
 
 constexpr int kRowThreads = 256;
 
+void launch_check_rows(uintptr_t stream, const RowIndices& rows, bool rows64, int64_t n_rows,
+                       uintptr_t bad_position) {
+  if (rows.count == 0 || bad_position == 0) return;
+  check_rows_kernel<<<blocks_for(rows.count, kRowThreads), kRowThreads, 0, as_stream(stream)>>>(
+      rows.rows, rows64, rows.count, n_rows, as_slot(bad_position));
+  check_launch("check_rows_kernel");
+}
+
 void gather_csr_to_dense(int device, uintptr_t stream, const CsrMatrix& m, const RowIndices& rows,
                          uintptr_t out, DType out_dtype, uintptr_t bad_position) {
   const bool indptr64 = is_int64_index(m.indptr_dtype, "indptr");
   const bool rows64 = is_int64_index(rows.dtype, "row index");
   check_column_index_capacity(m.indices_dtype, m.n_cols);
-  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  const DeviceGuard guard(device);
   const int64_t bytes = rows.count * m.n_cols * output_element_size(out_dtype);
-  if (bytes == 0) return;
-  // All-zero bits are zero in every output dtype; the memset runs at the copy roof.
-  check_cuda(cudaMemsetAsync(as_ptr(out), 0, static_cast<size_t>(bytes), as_stream(stream)),
-             "cudaMemsetAsync of the dense output");
+  if (bytes == 0) {  // nothing to write, but bad rows are still reported, as on the CPU
+    launch_check_rows(stream, rows, rows64, m.n_rows, bad_position);
+    return;
+  }
   dispatch_column_index(m.indices_dtype, [&](auto idx_tag) {
     using Idx = typename decltype(idx_tag)::type;
     dispatch_value(m.values_dtype, [&](auto val_tag) {
       using Val = typename decltype(val_tag)::type;
       dispatch_output(out_dtype, [&](auto out_tag) {
         using Out = typename decltype(out_tag)::type;
-        scatter_csr_rows_kernel<Idx, Val, Out>
+        csr_rows_to_dense_kernel<Idx, Val, Out>
             <<<blocks_for(rows.count), kRowThreads, 0, as_stream(stream)>>>(
                 m.indptr, indptr64, static_cast<const Idx*>(m.indices),
                 static_cast<const Val*>(m.values), m.n_rows, m.n_cols, rows.rows, rows64,
                 rows.count, static_cast<Out*>(as_ptr(out)), as_slot(bad_position));
-        check_launch("scatter_csr_rows_kernel");
+        check_launch("csr_rows_to_dense_kernel");
       });
     });
   });
@@ -72,7 +80,7 @@ void csr_batch_indptr(int device, uintptr_t stream, const CsrMatrix& m, const Ro
                       uintptr_t out_indptr, uintptr_t bad_position) {
   const bool indptr64 = is_int64_index(m.indptr_dtype, "indptr");
   const bool rows64 = is_int64_index(rows.dtype, "row index");
-  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  const DeviceGuard guard(device);
   auto* out = static_cast<int64_t*>(as_ptr(out_indptr));
   batch_row_lengths_kernel<<<blocks_for(rows.count, kRowThreads), kRowThreads, 0,
                              as_stream(stream)>>>(m.indptr, indptr64, m.n_rows, rows.rows, rows64,
@@ -85,10 +93,11 @@ void csr_batch_indptr(int device, uintptr_t stream, const CsrMatrix& m, const Ro
 
 void gather_csr_to_csr(int device, uintptr_t stream, const CsrMatrix& m, const RowIndices& rows,
                        uintptr_t out_indptr, uintptr_t out_indices, DType out_indices_dtype,
-                       uintptr_t out_values, DType out_values_dtype) {
+                       uintptr_t out_values, DType out_values_dtype, int64_t out_nnz) {
+  if (out_nnz < 0) throw std::invalid_argument("out_nnz must be non-negative");
   const bool indptr64 = is_int64_index(m.indptr_dtype, "indptr");
   const bool rows64 = is_int64_index(rows.dtype, "row index");
-  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  const DeviceGuard guard(device);
   if (rows.count == 0) return;
   const auto* batch_indptr = static_cast<const int64_t*>(as_cptr(out_indptr));
   dispatch_column_index(m.indices_dtype, [&](auto idx_tag) {
@@ -98,7 +107,7 @@ void gather_csr_to_csr(int device, uintptr_t stream, const CsrMatrix& m, const R
       copy_csr_indices_kernel<Idx, OutIdx><<<blocks_for(rows.count), kRowThreads, 0,
                                              as_stream(stream)>>>(
           m.indptr, indptr64, static_cast<const Idx*>(m.indices), m.n_rows, rows.rows, rows64,
-          rows.count, batch_indptr, static_cast<OutIdx*>(as_ptr(out_indices)));
+          rows.count, batch_indptr, static_cast<OutIdx*>(as_ptr(out_indices)), out_nnz);
       check_launch("copy_csr_indices_kernel");
     });
   });
@@ -109,7 +118,7 @@ void gather_csr_to_csr(int device, uintptr_t stream, const CsrMatrix& m, const R
       copy_csr_values_kernel<Val, OutVal><<<blocks_for(rows.count), kRowThreads, 0,
                                             as_stream(stream)>>>(
           m.indptr, indptr64, static_cast<const Val*>(m.values), m.n_rows, rows.rows, rows64,
-          rows.count, batch_indptr, static_cast<OutVal*>(as_ptr(out_values)));
+          rows.count, batch_indptr, static_cast<OutVal*>(as_ptr(out_values)), out_nnz);
       check_launch("copy_csr_values_kernel");
     });
   });
@@ -118,8 +127,12 @@ void gather_csr_to_csr(int device, uintptr_t stream, const CsrMatrix& m, const R
 void gather_dense(int device, uintptr_t stream, const DenseMatrix& m, const RowIndices& rows,
                   uintptr_t out, DType out_dtype, uintptr_t bad_position) {
   const bool rows64 = is_int64_index(rows.dtype, "row index");
-  check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  if (rows.count == 0 || m.n_cols == 0) return;
+  const DeviceGuard guard(device);
+  if (rows.count == 0) return;
+  if (m.n_cols == 0) {  // nothing to write, but bad rows are still reported, as on the CPU
+    launch_check_rows(stream, rows, rows64, m.n_rows, bad_position);
+    return;
+  }
   // Narrow rows (obs columns) get a warp each instead of an idle 256-thread block.
   const int threads = static_cast<int>(std::min<int64_t>(kRowThreads, (m.n_cols + 31) / 32 * 32));
   const unsigned int col_chunks =
@@ -140,11 +153,8 @@ void gather_dense(int device, uintptr_t stream, const DenseMatrix& m, const RowI
 void check_rows(int device, uintptr_t stream, const RowIndices& rows, int64_t n_rows,
                 uintptr_t bad_position) {
   const bool rows64 = is_int64_index(rows.dtype, "row index");
-  check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  if (rows.count == 0) return;
-  check_rows_kernel<<<blocks_for(rows.count, kRowThreads), kRowThreads, 0, as_stream(stream)>>>(
-      rows.rows, rows64, rows.count, n_rows, as_slot(bad_position));
-  check_launch("check_rows_kernel");
+  const DeviceGuard guard(device);
+  launch_check_rows(stream, rows, rows64, n_rows, bad_position);
 }
 
 }  // namespace
@@ -183,7 +193,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.def(
       "mem_get_info",
       [](int device) {
-        cuda::check_cuda(cudaSetDevice(device), "cudaSetDevice");
+        const cuda::DeviceGuard guard(device);
         size_t free_bytes = 0, total_bytes = 0;
         cuda::check_cuda(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
         return std::make_tuple(free_bytes, total_bytes);
@@ -238,18 +248,19 @@ PYBIND11_MODULE(_cuda, m) {
          const std::string& values_dtype, int64_t n_rows, int64_t n_cols, uintptr_t rows,
          const std::string& rows_dtype, int64_t n_batch, uintptr_t out_indptr,
          uintptr_t out_indices, const std::string& out_indices_dtype, uintptr_t out_values,
-         const std::string& out_values_dtype) {
+         const std::string& out_values_dtype, int64_t out_nnz) {
         cuda::gather_csr_to_csr(device, stream,
                                 make_csr(indptr, indptr_dtype, indices, indices_dtype, values,
                                          values_dtype, n_rows, n_cols),
                                 make_rows(rows, rows_dtype, n_batch), out_indptr, out_indices,
                                 parse_dtype(out_indices_dtype), out_values,
-                                parse_dtype(out_values_dtype));
+                                parse_dtype(out_values_dtype), out_nnz);
       },
       py::arg("device"), py::arg("stream"), ANNLOADER_CSR_ARGS, ANNLOADER_ROWS_ARGS,
       py::arg("out_indptr"), py::arg("out_indices"), py::arg("out_indices_dtype"),
-      py::arg("out_values"), py::arg("out_values_dtype"),
-      "out_indptr is the int64 batch indptr that csr_batch_indptr filled.");
+      py::arg("out_values"), py::arg("out_values_dtype"), py::arg("out_nnz"),
+      "out_indptr is the int64 batch indptr that csr_batch_indptr filled; out_nnz is the length "
+      "of out_indices and out_values (writes never go past it).");
 
   m.def("csc_to_csr_workspace_bytes", &cuda::csc_to_csr_workspace_bytes, py::arg("device"), py::arg("n_rows"),
         py::arg("nnz"));

@@ -19,20 +19,28 @@ __device__ __forceinline__ bool row_in_range(int64_t r, int64_t n_rows, int64_t 
   return false;
 }
 
-// One block per batch row; the output was zeroed by cudaMemsetAsync just before.
+// One block per batch row: the block zeroes its output row, then scatters the row's non-zeros
+// into it. Zeroing here instead of a cudaMemsetAsync saves a launch per batch, and the scattered
+// writes land on lines the zeroing just brought into L2. A bad row is left zero.
 template <typename Idx, typename Val, typename Out>
-__global__ void scatter_csr_rows_kernel(const void* __restrict__ indptr, bool indptr64,
-                                        const Idx* __restrict__ indices,
-                                        const Val* __restrict__ values, int64_t n_rows,
-                                        int64_t n_cols, const void* __restrict__ rows, bool rows64,
-                                        int64_t n_batch, Out* __restrict__ out,
-                                        unsigned long long* bad_position) {
+__global__ void csr_rows_to_dense_kernel(const void* __restrict__ indptr, bool indptr64,
+                                         const Idx* __restrict__ indices,
+                                         const Val* __restrict__ values, int64_t n_rows,
+                                         int64_t n_cols, const void* __restrict__ rows, bool rows64,
+                                         int64_t n_batch, Out* __restrict__ out,
+                                         unsigned long long* bad_position) {
+  const int64_t lane = static_cast<int64_t>(threadIdx.x);
+  const int64_t stride = static_cast<int64_t>(blockDim.x);
   for (int64_t i = blockIdx.x; i < n_batch; i += gridDim.x) {
+    Out* out_row = out + i * n_cols;
+    for (int64_t c = lane; c < n_cols; c += stride) out_row[c] = Out{};
     const int64_t r = load_index(rows, rows64, i);
+    // Every thread's zeros are written before any thread scatters into the row; the branch
+    // below is uniform across the block (one row per block).
+    __syncthreads();
     if (!row_in_range(r, n_rows, i, bad_position)) continue;
     scatter_csr_row(indices, values, load_index(indptr, indptr64, r),
-                    load_index(indptr, indptr64, r + 1), n_cols, out + i * n_cols,
-                    static_cast<int64_t>(threadIdx.x), static_cast<int64_t>(blockDim.x));
+                    load_index(indptr, indptr64, r + 1), n_cols, out_row, lane, stride);
   }
 }
 
@@ -48,7 +56,10 @@ __global__ void gather_dense_rows_kernel(const Val* __restrict__ src, int64_t n_
   const int64_t col_end = col_begin + cols_per_chunk < n_cols ? col_begin + cols_per_chunk : n_cols;
   for (int64_t i = blockIdx.x; i < n_batch; i += gridDim.x) {
     const int64_t r = load_index(rows, rows64, i);
-    if (!row_in_range(r, n_rows, i, bad_position)) continue;
+    if (!row_in_range(r, n_rows, i, bad_position)) {
+      for (int64_t c = col_begin + threadIdx.x; c < col_end; c += blockDim.x) out[i * n_cols + c] = Out{};
+      continue;
+    }
     cast_dense_row(src + r * row_stride, out + i * n_cols, col_begin, col_end,
                    static_cast<int64_t>(threadIdx.x), static_cast<int64_t>(blockDim.x));
   }
@@ -96,6 +107,14 @@ __global__ void inclusive_scan_single_block_kernel(int64_t* data, int64_t n) {
   }
 }
 
+// How many of a row's `length` entries fit the output arrays from out_begin: an out_indptr that
+// disagrees with the rows (a caller's bug) must not turn into writes past the outputs.
+__device__ __forceinline__ int64_t clamp_to_capacity(int64_t length, int64_t out_begin,
+                                                     int64_t out_capacity) {
+  if (out_begin < 0 || out_begin >= out_capacity) return 0;
+  return length < out_capacity - out_begin ? length : out_capacity - out_begin;
+}
+
 // The column indices and the values of a CSR batch are copied by two kernels, so that the
 // instantiations grow as (index types + value types), not their product.
 template <typename Idx, typename OutIdx>
@@ -103,14 +122,16 @@ __global__ void copy_csr_indices_kernel(const void* __restrict__ indptr, bool in
                                         const Idx* __restrict__ indices, int64_t n_rows,
                                         const void* __restrict__ rows, bool rows64,
                                         int64_t n_batch, const int64_t* __restrict__ out_indptr,
-                                        OutIdx* __restrict__ out_indices) {
+                                        OutIdx* __restrict__ out_indices, int64_t out_capacity) {
   for (int64_t i = blockIdx.x; i < n_batch; i += gridDim.x) {
     const int64_t r = load_index(rows, rows64, i);
     if (r < 0 || r >= n_rows) continue;  // recorded by batch_row_lengths_kernel
     const int64_t begin = load_index(indptr, indptr64, r);
-    const int64_t length = load_index(indptr, indptr64, r + 1) - begin;
+    const int64_t out_begin = out_indptr[i];
+    const int64_t length = clamp_to_capacity(load_index(indptr, indptr64, r + 1) - begin, out_begin,
+                                             out_capacity);
     for (int64_t k = threadIdx.x; k < length; k += blockDim.x) {
-      out_indices[out_indptr[i] + k] = static_cast<OutIdx>(indices[begin + k]);
+      out_indices[out_begin + k] = static_cast<OutIdx>(indices[begin + k]);
     }
   }
 }
@@ -120,14 +141,16 @@ __global__ void copy_csr_values_kernel(const void* __restrict__ indptr, bool ind
                                        const Val* __restrict__ values, int64_t n_rows,
                                        const void* __restrict__ rows, bool rows64, int64_t n_batch,
                                        const int64_t* __restrict__ out_indptr,
-                                       OutVal* __restrict__ out_values) {
+                                       OutVal* __restrict__ out_values, int64_t out_capacity) {
   for (int64_t i = blockIdx.x; i < n_batch; i += gridDim.x) {
     const int64_t r = load_index(rows, rows64, i);
     if (r < 0 || r >= n_rows) continue;
     const int64_t begin = load_index(indptr, indptr64, r);
-    const int64_t length = load_index(indptr, indptr64, r + 1) - begin;
+    const int64_t out_begin = out_indptr[i];
+    const int64_t length = clamp_to_capacity(load_index(indptr, indptr64, r + 1) - begin, out_begin,
+                                             out_capacity);
     for (int64_t k = threadIdx.x; k < length; k += blockDim.x) {
-      out_values[out_indptr[i] + k] = cast<OutVal>(values[begin + k]);
+      out_values[out_begin + k] = cast<OutVal>(values[begin + k]);
     }
   }
 }

@@ -719,6 +719,9 @@ def _where(manager: Any, key: str) -> str:
     return f"registry key {key!r} (adata.{name}" + (f"[{attr_key!r}]" if attr_key else "") + ")"
 
 
+_CPU = torch.device("cpu")
+
+
 class PreparedData:
     """The fields of one registry, validated and stored compactly, on one device.
 
@@ -784,8 +787,29 @@ class PreparedData:
 
     def fetch(self, rows: np.ndarray | torch.Tensor, *, pool: BufferPool | None = None,
               as_numpy: bool = False) -> dict[str, Any]:
-        """One batch: {key: gathered rows}. rows: int64 (host numpy, or a tensor on the fields' device)."""
-        return {key: f.gather(rows, pool, as_numpy) for key, f in self.fields.items()}
+        """One batch: {key: gathered rows}. rows: int64 (host numpy, or a tensor on the fields' device).
+
+        The dense-output fields go through one compiled call (:mod:`~annloader_gpu.gather_plan`);
+        the others (sparse outputs, host-fallback sources) are gathered one by one.
+        """
+        plan = self._gather_plan(rows.device if isinstance(rows, torch.Tensor) else _CPU)
+        if plan is None:
+            return {key: f.gather(rows, pool, as_numpy) for key, f in self.fields.items()}
+        planned = plan.gather(rows, pool, as_numpy)
+        if len(planned) == len(self.fields):
+            return planned
+        return {key: planned[key] if key in planned else f.gather(rows, pool, as_numpy)
+                for key, f in self.fields.items()}
+
+    def _gather_plan(self, device: torch.device):
+        """The fields' gather plan for kernels on device (built once), or None if none fits."""
+        plans = self.__dict__.setdefault("_plans", {})
+        if device not in plans:
+            from .gather_plan import FieldGatherPlan, plannable
+
+            fits = any(plannable(f) for f in self.fields.values())
+            plans[device] = FieldGatherPlan(self.fields, device) if fits else None
+        return plans[device]
 
     def single(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A one-row batch as scvi-tools gives one observation indexed by a scalar.

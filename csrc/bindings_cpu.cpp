@@ -1,5 +1,6 @@
 // annloader_gpu._core: the CPU module, built on every machine.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "bindings_common.h"
 #include "cpu_gather.h"
@@ -103,6 +104,18 @@ PYBIND11_MODULE(_core, m) {
       },
       ANNLOADER_CSR_ARGS, py::arg("out_indptr"), py::arg("out_indptr_dtype"),
       py::arg("out_indices"), py::arg("out_values"));
+
+  bind_gather_plan(m).def(
+      "gather",
+      [](const GatherPlan& plan, uintptr_t rows, const std::string& rows_dtype, int64_t n_batch,
+         const std::vector<uintptr_t>& outputs) {
+        const auto batch = make_rows(rows, rows_dtype, n_batch);
+        py::gil_scoped_release release;
+        cpu::gather_planned(plan, batch, outputs);
+      },
+      ANNLOADER_ROWS_ARGS, py::arg("outputs"),
+      "Gathers every field for the rows (checked once) into outputs, one C-contiguous "
+      "(n_batch, n_cols) array address per field in the order the fields were added.");
 
   m.def("get_num_threads", &get_num_threads, "Threads the CPU gathers use (caller included).");
   m.def("set_num_threads", &set_num_threads, py::arg("n"),

@@ -91,11 +91,12 @@ void check_rows(const RowIndices& rows, int64_t n_rows) {
   }
 }
 
-void gather_csr_to_dense(const CsrMatrix& m, const RowIndices& rows, const DenseOutput& out) {
+namespace {
+
+// The gathers proper; callers have checked the rows.
+void csr_rows_to_dense(const CsrMatrix& m, const RowIndices& rows, const DenseOutput& out) {
   const bool indptr64 = is_int64_index(m.indptr_dtype, "indptr");
   const bool rows64 = is_int64_index(rows.dtype, "row index");
-  check_column_index_capacity(m.indices_dtype, m.n_cols);
-  check_rows(rows, m.n_rows);
   dispatch_column_index(m.indices_dtype, [&](auto idx_tag) {
     using Idx = typename decltype(idx_tag)::type;
     dispatch_value(m.values_dtype, [&](auto val_tag) {
@@ -124,6 +125,54 @@ void gather_csr_to_dense(const CsrMatrix& m, const RowIndices& rows, const Dense
       });
     });
   });
+}
+
+void dense_rows(const DenseMatrix& m, const RowIndices& rows, const DenseOutput& out) {
+  const bool rows64 = is_int64_index(rows.dtype, "row index");
+  dispatch_value(m.dtype, [&](auto val_tag) {
+    using Val = typename decltype(val_tag)::type;
+    dispatch_output(out.dtype, [&](auto out_tag) {
+      using Out = typename decltype(out_tag)::type;
+      const auto* src = static_cast<const Val*>(m.values);
+      auto* dst = static_cast<Out*>(out.values);
+      parallel_for(rows.count, rows_per_chunk(m.n_cols * int64_t(sizeof(Out))),
+                   [&](int64_t first, int64_t last) {
+                     for (int64_t i = first; i < last; ++i) {
+                       const int64_t r = load_index(rows.rows, rows64, i);
+                       cast_dense_row(src + r * m.row_stride, dst + i * m.n_cols, 0, m.n_cols, 0, 1);
+                     }
+                   });
+    });
+  });
+}
+
+}  // namespace
+
+void gather_csr_to_dense(const CsrMatrix& m, const RowIndices& rows, const DenseOutput& out) {
+  check_column_index_capacity(m.indices_dtype, m.n_cols);
+  check_rows(rows, m.n_rows);
+  csr_rows_to_dense(m, rows, out);
+}
+
+void gather_dense(const DenseMatrix& m, const RowIndices& rows, const DenseOutput& out) {
+  check_rows(rows, m.n_rows);
+  dense_rows(m, rows, out);
+}
+
+void gather_planned(const GatherPlan& plan, const RowIndices& rows,
+                    const std::vector<uintptr_t>& outputs) {
+  plan.require_outputs(outputs.size());
+  if (plan.fields().empty()) return;
+  check_rows(rows, plan.n_rows());
+  for (size_t f = 0; f < outputs.size(); ++f) {
+    const PlannedField& field = plan.fields()[f];
+    const DenseOutput out{reinterpret_cast<void*>(outputs[f]), field.out_dtype};
+    if (field.from_csr) {
+      csr_rows_to_dense(field.csr, rows, out);
+    } else {
+      dense_rows(field.dense, rows, out);
+    }
+  }
 }
 
 int64_t csr_batch_indptr(const CsrMatrix& m, const RowIndices& rows, void* out_indptr,
@@ -178,26 +227,6 @@ void gather_csr_to_csr(const CsrMatrix& m, const RowIndices& rows, const CsrOutp
           });
         });
       });
-    });
-  });
-}
-
-void gather_dense(const DenseMatrix& m, const RowIndices& rows, const DenseOutput& out) {
-  const bool rows64 = is_int64_index(rows.dtype, "row index");
-  check_rows(rows, m.n_rows);
-  dispatch_value(m.dtype, [&](auto val_tag) {
-    using Val = typename decltype(val_tag)::type;
-    dispatch_output(out.dtype, [&](auto out_tag) {
-      using Out = typename decltype(out_tag)::type;
-      const auto* src = static_cast<const Val*>(m.values);
-      auto* dst = static_cast<Out*>(out.values);
-      parallel_for(rows.count, rows_per_chunk(m.n_cols * int64_t(sizeof(Out))),
-                   [&](int64_t first, int64_t last) {
-                     for (int64_t i = first; i < last; ++i) {
-                       const int64_t r = load_index(rows.rows, rows64, i);
-                       cast_dense_row(src + r * m.row_stride, dst + i * m.n_cols, 0, m.n_cols, 0, 1);
-                     }
-                   });
     });
   });
 }

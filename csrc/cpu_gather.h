@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "gather_args.h"
+#include "gather_plan.h"
 
 namespace annloader::cpu {
 
@@ -20,6 +21,10 @@ int64_t csr_batch_indptr(const CsrMatrix& m, const RowIndices& rows, void* out_i
 void gather_csr_to_csr(const CsrMatrix& m, const RowIndices& rows, const CsrOutput& out);
 
 void gather_dense(const DenseMatrix& m, const RowIndices& rows, const DenseOutput& out);
+
+// Every field of the plan for the same rows (checked once), into outputs[f] (one per field).
+void gather_planned(const GatherPlan& plan, const RowIndices& rows,
+                    const std::vector<uintptr_t>& outputs);
 
 // CSC -> CSR with column indices sorted within rows. `csc` holds the CSC arrays in the CsrMatrix
 // fields (indptr over the n_cols columns, indices are row numbers) with the matrix's own shape.

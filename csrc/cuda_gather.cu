@@ -5,6 +5,7 @@
 // synchronises: the caller decides when to read results or the bad-row slot.
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <stdexcept>
@@ -157,6 +158,21 @@ void check_rows(int device, uintptr_t stream, const RowIndices& rows, int64_t n_
   launch_check_rows(stream, rows, rows64, n_rows, bad_position);
 }
 
+// Every field of the plan for the same rows: one host call, one launch per field.
+void gather_planned(int device, uintptr_t stream, const GatherPlan& plan, const RowIndices& rows,
+                    const std::vector<uintptr_t>& outputs, uintptr_t bad_position) {
+  plan.require_outputs(outputs.size());
+  const DeviceGuard guard(device);
+  for (size_t f = 0; f < outputs.size(); ++f) {
+    const PlannedField& field = plan.fields()[f];
+    if (field.from_csr) {
+      gather_csr_to_dense(device, stream, field.csr, rows, outputs[f], field.out_dtype, bad_position);
+    } else {
+      gather_dense(device, stream, field.dense, rows, outputs[f], field.out_dtype, bad_position);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace annloader::cuda
 
@@ -282,6 +298,19 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("bad_position"),
       "CSC -> CSR on the device (stable radix sort by row; rows come out sorted by column). "
       "Synchronises once to read the nnz.");
+
+  bind_gather_plan(m).def(
+      "gather",
+      [](const GatherPlan& plan, int device, uintptr_t stream, uintptr_t rows,
+         const std::string& rows_dtype, int64_t n_batch, const std::vector<uintptr_t>& outputs,
+         uintptr_t bad_position) {
+        cuda::gather_planned(device, stream, plan, make_rows(rows, rows_dtype, n_batch), outputs,
+                             bad_position);
+      },
+      py::arg("device"), py::arg("stream"), ANNLOADER_ROWS_ARGS, py::arg("outputs"),
+      py::arg("bad_position"),
+      "Launches every field's gather for the rows on the stream (no synchronisation); one "
+      "C-contiguous (n_batch, n_cols) device address per field, in the order they were added.");
 
   m.def(
       "gather_dense",

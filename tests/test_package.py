@@ -52,5 +52,6 @@ def test_typed_stubs_list_exactly_the_compiled_names(module_name):
     tree = ast.parse(stub.read_text())
     stubbed = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     stubbed |= {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)}
+    stubbed |= {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
     compiled = {name for name in dir(module) if not name.startswith("__")}
     assert stubbed == compiled

@@ -63,14 +63,60 @@ def resolve_device(device: Any, *, iter_ndarray: bool = False) -> torch.device:
     return resolved
 
 
-def resolve_residency(residency: Any, device: torch.device, bytes_needed: int) -> str:
+def gpu_data_devices(prepared: PreparedData) -> list[torch.device]:
+    """The GPUs on which prepared data already lives (CuPy / CUDA-tensor sources used in place)."""
+    devices = {f.storage.device for f in prepared.fields.values()}
+    return sorted((d for d in devices if d.type == "cuda"), key=str)
+
+
+def bytes_to_place(prepared: PreparedData, device: torch.device) -> int:
+    """Bytes of prepared storage not already on device (what residency='device' must copy there)."""
+    sizes = {id(f.storage): f.storage.nbytes for f in prepared.fields.values() if f.storage.device != device}
+    return int(sum(sizes.values()))
+
+
+def _residency_of_gpu_data(residency: str, device: torch.device, bytes_needed: int,
+                           data_devices: list[torch.device]) -> str:
+    """Data already in GPU memory is gathered where it is: residency "device", never a host copy."""
+    where = ", ".join(sorted({str(d) for d in data_devices}))
+    if device.type == "cpu":
+        raise ValueError(
+            f"device={str(device)!r}, but registered data is already in GPU memory ({where}; e.g. a cupy array or "
+            "cupyx sparse matrix): use device='cuda' to gather batches there, in place, or copy the data to the "
+            "host first to load on the CPU (for cupy/cupyx data: adata.X = adata.X.get())"
+        )
+    if residency in ("pinned", "host"):
+        raise ValueError(
+            f"residency={residency!r} keeps the data in host memory, but registered data is already in GPU "
+            f"memory ({where}): use residency='device' or 'auto' (GPU data is used in place, without a copy), "
+            "or copy the data to the host first (for cupy/cupyx data: .get())"
+        )
+    if bytes_needed:
+        free, _total = torch.cuda.mem_get_info(device)
+        if bytes_needed > free:
+            raise RuntimeError(
+                f"residency={residency!r}: the data already in GPU memory ({where}) is used in place, but the rest "
+                f"needs {bytes_needed} bytes on {device} and {free} bytes are free there; free GPU memory, or "
+                "copy the GPU data to the host (.get()) and use residency='pinned' or 'host'"
+            )
+    return "device"
+
+
+def resolve_residency(residency: Any, device: torch.device, bytes_needed: int, *,
+                      data_devices: list[torch.device] | tuple = ()) -> str:
     """Where the prepared data lives: "host" on the CPU; on a GPU "device", "pinned" or "host".
 
     "auto" picks "device" when the data needs at most DEVICE_MEMORY_BUDGET of the free GPU
     memory, else "pinned" (page-locked host memory the kernels read through unified addressing).
+    ``data_devices``: GPUs on which some of the data already lives (:func:`gpu_data_devices`).
+    Such data is used in place: the residency is "device" ("auto" or "device" requested), and
+    bytes_needed counts only what is not on ``device`` yet. A CPU device, or "pinned"/"host",
+    is a ValueError saying what to use instead.
     """
     if residency not in RESIDENCIES:
         raise ValueError(f"residency must be one of {', '.join(map(repr, RESIDENCIES))}, got {residency!r}")
+    if any(torch.device(d).type == "cuda" for d in data_devices):
+        return _residency_of_gpu_data(residency, device, bytes_needed, [torch.device(d) for d in data_devices])
     if device.type == "cpu":
         if residency not in ("auto", "host"):
             raise ValueError(
@@ -239,7 +285,8 @@ class AnnDataLoader(DataLoader):
 
         # --- the data, prepared once -------------------------------------------------------
         prepared = PreparedData(adata_manager, data_and_attributes, load_sparse_tensor)
-        self.residency = resolve_residency(residency, self.device, prepared.resident_bytes)
+        self.residency = resolve_residency(residency, self.device, bytes_to_place(prepared, self.device),
+                                           data_devices=gpu_data_devices(prepared))
         prepared, self.residency = place(prepared, self.device, self.residency, residency)
         self.dataset = AnnDataset(prepared, self.indices)
         self._iter_ndarray = bool(iter_ndarray)

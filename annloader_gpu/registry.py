@@ -17,6 +17,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from ._device_arrays import is_cupy_array, is_cupy_sparse
+
 __all__ = [
     "REGISTRY_KEYS",
     "AnnDataRegistry",
@@ -419,20 +421,29 @@ def _validated_matrix(matrix: Any, where: str, n_obs: int) -> Any:
                 "supported. Convert it with .tocsr()."
             )
         _require_real_dtype(matrix.dtype, where)
-    elif isinstance(matrix, np.ndarray):
+    elif isinstance(matrix, np.ndarray) or is_cupy_array(matrix):
         _require_real_dtype(matrix.dtype, where)
         if matrix.ndim != 2:
             raise ValueError(f"{where} must be 2-dimensional, got shape {matrix.shape}.")
+    elif is_cupy_sparse(matrix):  # in GPU memory (rapids-singlecell): checked there
+        if matrix.format not in ("csr", "csc"):
+            raise TypeError(
+                f"{where} is a {matrix.format.upper()} sparse matrix; only CSR and CSC are "
+                "supported. Convert it with .tocsr()."
+            )
+        _require_real_dtype(matrix.dtype, where)
     else:
         raise TypeError(
             f"{where} is a {type(matrix).__module__}.{type(matrix).__name__}; expected an "
-            "in-memory numpy array or scipy CSR/CSC matrix (for backed AnnData, use "
-            "adata.to_memory())."
+            "in-memory numpy array or scipy CSR/CSC matrix, or a cupy array or cupyx CSR/CSC "
+            "matrix in GPU memory (for backed AnnData, use adata.to_memory())."
         )
     if matrix.shape[0] != n_obs:
         raise ValueError(f"{where} has {matrix.shape[0]} rows but adata has n_obs={n_obs}.")
     if sp.issparse(matrix):
         _require_canonical_compressed(matrix, where)
+    elif is_cupy_sparse(matrix):
+        _require_canonical_device_compressed(matrix, where)
     return matrix
 
 
@@ -489,6 +500,14 @@ def _require_canonical_compressed(matrix: Any, where: str) -> None:
             "indices). Fix it with X.sum_duplicates() (which also sorts indices), or "
             "X.sort_indices() if there are no duplicates, on a copy if you need the original."
         )
+
+
+def _require_canonical_device_compressed(matrix: Any, where: str) -> None:
+    """The checks of _require_canonical_compressed for a cupyx matrix, run on its GPU with torch."""
+    from .dataset import check_sparse_tensors, cupy_sparse_parts
+
+    indptr, indices, data, fmt = cupy_sparse_parts(matrix, where)
+    check_sparse_tensors(indptr, indices, data, tuple(matrix.shape), fmt, where)
 
 
 def _require_obs_column(adata: AnnData, key: str) -> None:

@@ -223,7 +223,9 @@ class AnnDataLoader(DataLoader):
 
     device
         Where batches are yielded: "cpu", "cuda", "cuda:1" or a torch.device. Default: "cuda"
-        when annloader_gpu's GPU path is usable, else "cpu".
+        when annloader_gpu's GPU path is usable, else "cpu"; with ``distributed_sampler=True``,
+        this rank's GPU (:func:`~annloader_gpu.distributed.local_device`: the one chosen with
+        ``torch.cuda.set_device``, else ``cuda:LOCAL_RANK``).
     residency
         Where the prepared data lives when device is a GPU: "device" (GPU memory), "pinned",
         "host" (gathered on the CPU, then copied), or "auto". On the CPU only "auto" and "host".
@@ -267,6 +269,12 @@ class AnnDataLoader(DataLoader):
             raise ValueError("Cannot specify both `sampler` and `distributed_sampler`.")
         if residency not in RESIDENCIES:
             raise ValueError(f"residency must be one of {', '.join(map(repr, RESIDENCIES))}, got {residency!r}")
+        if device is None and distributed_sampler and not iter_ndarray:
+            # Under torchrun each rank loads onto its own GPU: the one set with
+            # torch.cuda.set_device, else cuda:LOCAL_RANK (cpu without a usable GPU).
+            from .distributed import local_device
+
+            device = local_device()
         self.device = resolve_device(device, iter_ndarray=iter_ndarray)
         if iter_ndarray and self.device.type != "cpu":
             raise ValueError("iter_ndarray=True yields host numpy arrays; use device='cpu' (or leave device unset)")

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+import annloader_gpu
 from annloader_gpu.distributed import ShardedBatchSampler, partition_positions, world_info
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
@@ -226,3 +228,38 @@ def test_lightning_ddp_keeps_our_sampler(tmp_path):
             else:
                 union = collections.Counter(i for rank in got for b in rank for i in b)
                 assert set(union) == set(range(N_OBS)) and sum(union.values()) == N_OBS + (-N_OBS) % nproc
+
+
+def test_distributed_sampler_loader_defaults_to_this_ranks_device(monkeypatch):
+    """device=None with distributed_sampler=True asks local_device() (cuda:LOCAL_RANK on GPUs)."""
+    import annloader_gpu.distributed as distributed
+    from annloader_gpu import AnnDataLoader
+    from annloader_gpu.registry import setup_anndata
+    from test_loader import make_adata
+
+    calls = []
+
+    def fake_local_device(device=None):
+        calls.append(device)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(distributed, "local_device", fake_local_device)
+    registry = setup_anndata(make_adata("csr"))
+    loader = AnnDataLoader(registry, distributed_sampler=True, num_replicas=2, rank=1, batch_size=8)
+    assert calls == [None] and loader.device == torch.device("cpu")
+    AnnDataLoader(registry, distributed_sampler=True, num_replicas=2, rank=1, batch_size=8, device="cpu")
+    AnnDataLoader(registry, batch_size=8)
+    assert calls == [None]  # an explicit device, or no distributed sampler: not asked
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not annloader_gpu.gpu_usable() or torch.cuda.device_count() < 2, reason="needs two usable GPUs")
+def test_distributed_sampler_loader_uses_local_rank_gpu(monkeypatch):
+    from annloader_gpu import AnnDataLoader
+    from annloader_gpu.registry import setup_anndata
+    from test_loader import make_adata
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    loader = AnnDataLoader(setup_anndata(make_adata("csr")), distributed_sampler=True, num_replicas=2, rank=1)
+    assert loader.device == torch.device("cuda", 1)
+    assert next(iter(loader))["X"].device == torch.device("cuda", 1)

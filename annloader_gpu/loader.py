@@ -137,21 +137,42 @@ def resolve_residency(residency: Any, device: torch.device, bytes_needed: int, *
     return "device" if bytes_needed <= DEVICE_MEMORY_BUDGET * free else "pinned"
 
 
-def place(prepared: PreparedData, device: torch.device, residency: str, requested: str) -> tuple[PreparedData, str]:
-    """prepared moved where residency says; "auto" falls back from pinned to host if pinning fails."""
-    if residency == "host":
-        return prepared, residency
+_FALLBACKS = {"device": ("device", "pinned", "host"), "pinned": ("pinned", "host"), "host": ("host",)}
+
+
+def _free_gpu_bytes(device: torch.device) -> int | None:
     try:
-        return prepared.to(device, pin=residency == "pinned"), residency
-    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-        if requested == "auto" and residency == "pinned":
-            return prepared, "host"
-        free = torch.cuda.mem_get_info(device)[0] if residency == "device" else None
-        raise RuntimeError(
-            f"could not place {prepared.resident_bytes} bytes with residency={residency!r} on {device}"
-            + (f" ({free} bytes of GPU memory free)" if free is not None else "")
-            + f": {exc}; try residency='pinned' or 'host'"
-        ) from exc
+        return int(torch.cuda.mem_get_info(device)[0])
+    except (RuntimeError, AssertionError):  # no usable CUDA (the message then says less)
+        return None
+
+
+def place(prepared: PreparedData, device: torch.device, residency: str, requested: str) -> tuple[PreparedData, str]:
+    """prepared moved where residency says.
+
+    A placement that fails half-way (out of GPU memory, pinning refused) leaves nothing behind:
+    what it took is released, torch's cached blocks included. With residency="auto" the loader
+    then falls back, device -> pinned -> host (not for data already in GPU memory, which is used
+    where it is); an explicit residency raises an error naming the bytes.
+    """
+    attempts = _FALLBACKS[residency] if requested == "auto" and not gpu_data_devices(prepared) else (residency,)
+    failure: BaseException | None = None
+    for attempt in attempts:
+        if attempt == "host":
+            return prepared, attempt
+        try:
+            return prepared.to(device, pin=attempt == "pinned"), attempt
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            failure = exc
+            torch.cuda.empty_cache()  # the half-built copy is garbage now: give its blocks back
+    free = _free_gpu_bytes(device) if residency == "device" else None
+    raise RuntimeError(
+        f"could not place {prepared.resident_bytes} bytes with residency={residency!r} on {device}"
+        + (f" ({free} bytes of GPU memory free)" if free is not None else "")
+        + f": {failure}; try "
+        + ("residency='pinned' (page-locked host memory the kernels read) or 'host'" if residency == "device"
+           else "residency='host' (gathered on the CPU, then copied)")
+    ) from failure
 
 
 def _random_sampler_order(sampler: RandomSampler, n: int) -> np.ndarray | torch.Tensor:

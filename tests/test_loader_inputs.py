@@ -237,3 +237,47 @@ def test_errors_come_before_any_batch():
         AnnDataLoader(manager, device="cpu")
     # Only the selected keys are prepared (and validated).
     assert len(list(AnnDataLoader(manager, data_and_attributes=["X"], device="cpu", batch_size=50))) == 2
+
+
+class _PlacementProbe:
+    """Stands in for PreparedData in place(): which placements were tried, and which fail."""
+
+    resident_bytes = 12_345
+    fields: dict = {}
+
+    def __init__(self, failing: set[str]):
+        self.failing, self.tried = failing, []
+
+    def to(self, device, *, pin=False):
+        kind = "pinned" if pin else "device"
+        self.tried.append(kind)
+        if kind in self.failing:
+            raise torch.cuda.OutOfMemoryError(f"{kind} placement failed")
+        return f"placed:{kind}"
+
+
+@pytest.mark.parametrize(("failing", "expected"), [
+    (set(), ("placed:device", "device")),
+    ({"device"}, ("placed:pinned", "pinned")),
+    ({"device", "pinned"}, (None, "host")),
+])
+def test_auto_placement_falls_back_device_pinned_host(failing, expected):
+    from annloader_gpu.loader import place
+
+    probe = _PlacementProbe(failing)
+    placed, residency = place(probe, torch.device("cuda", 0), "device", "auto")
+    assert residency == expected[1]
+    assert placed == (probe if expected[0] is None else expected[0])
+    assert probe.tried == ["device", "pinned"][: len(failing) + 1]
+
+
+@pytest.mark.parametrize("residency", ["device", "pinned"])
+def test_explicit_placement_failure_names_the_bytes_and_what_to_try(residency):
+    from annloader_gpu.loader import place
+
+    probe = _PlacementProbe({"device", "pinned"})
+    with pytest.raises(RuntimeError, match=f"could not place 12345 bytes with residency='{residency}'") as info:
+        place(probe, torch.device("cuda", 0), residency, residency)
+    assert probe.tried == [residency]  # no fallback when the user chose
+    suggestion = str(info.value).split("; try ")[1]
+    assert ("'pinned'" in suggestion) == (residency == "device") and "'host'" in suggestion

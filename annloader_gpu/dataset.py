@@ -970,7 +970,8 @@ class Field:
 
     # -- gathering -----------------------------------------------------------------------
 
-    def gather(self, rows: np.ndarray | torch.Tensor, pool: BufferPool | None, as_numpy: bool):
+    def gather(self, rows: np.ndarray | torch.Tensor, pool: BufferPool | None, as_numpy: bool,
+               nnz: int | None = None):
         """The batch for rows: numpy (as_numpy, host only), a torch tensor, or a sparse tensor.
 
         rows are int64, on the storage's device (a numpy array or CPU tensor for host storage).
@@ -978,7 +979,7 @@ class Field:
         if self.storage.kind == "fallback":
             return self._gather_fallback(rows, as_numpy)
         if self.sparse_output:
-            return self._gather_sparse(rows, pool)
+            return self._gather_sparse(rows, pool, nnz)
         s = self.storage
         n = int(rows.shape[0])
         exact = self.kernel_dtype == self.dtype
@@ -1006,7 +1007,10 @@ class Field:
             return np.empty(shape, dtype)
         return pool.empty(shape, dtype)
 
-    def _gather_sparse(self, rows, pool: BufferPool | None) -> torch.Tensor:
+    def _gather_sparse(self, rows, pool: BufferPool | None, known_nnz: int | None = None) -> torch.Tensor:
+        """The rows as a torch sparse tensor. On the GPU the output size is either known_nnz
+        (from :meth:`PreparedData.epoch_batch_nnz`, computed once per epoch) or read back from
+        the device, which synchronises."""
         s = self.storage
         n = int(rows.shape[0])
         size = (n, s.n_cols)
@@ -1016,7 +1020,8 @@ class Field:
             bound = s.bound(device)
             indptr = torch.empty(n + 1, dtype=torch.int64, device=device)
             bound.batch_indptr(rows, indptr)
-            nnz = int(indptr[-1].item())  # the one synchronisation: the output size
+            # The output size: known for the loader's own epochs, else the one synchronisation.
+            nnz = known_nnz if known_nnz is not None else int(indptr[-1].item())
             indices = torch.empty(nnz, dtype=torch_dtype(index_dtype), device=device)
             values = torch.empty(nnz, dtype=torch_dtype(self.kernel_dtype), device=device)
             bound.to_csr(rows, indptr, indices, values)
@@ -1108,6 +1113,17 @@ def _where(manager: Any, key: str) -> str:
 _CPU = torch.device("cpu")
 
 
+def batch_nnz(indptr: torch.Tensor, rows: torch.Tensor, batch_size: int, stop: int) -> torch.Tensor:
+    """int64 non-zeros of each batch rows[start:start + batch_size], start in range(0, stop,
+    batch_size), of the CSR matrix with this indptr; torch ops on the tensors' device."""
+    indptr = indptr.to(torch.int64)
+    lengths = indptr[rows + 1] - indptr[rows]
+    before = torch.cat((torch.zeros(1, dtype=torch.int64, device=rows.device), torch.cumsum(lengths, 0)))
+    starts = torch.arange(0, stop, batch_size, device=rows.device)
+    ends = torch.clamp(starts + batch_size, max=rows.shape[0])
+    return before[ends] - before[starts]
+
+
 class PreparedData:
     """The fields of one registry, validated and stored compactly, on one device.
 
@@ -1172,20 +1188,37 @@ class PreparedData:
         return f.storage.bytes_per_nonzero
 
     def fetch(self, rows: np.ndarray | torch.Tensor, *, pool: BufferPool | None = None,
-              as_numpy: bool = False) -> dict[str, Any]:
+              as_numpy: bool = False, nnz: dict[str, int] | None = None) -> dict[str, Any]:
         """One batch: {key: gathered rows}. rows: int64 (host numpy, or a tensor on the fields' device).
 
         The dense-output fields go through one compiled call (:mod:`~annloader_gpu.gather_plan`);
-        the others (sparse outputs, host-fallback sources) are gathered one by one.
+        the others (sparse outputs, host-fallback sources) are gathered one by one. ``nnz``: the
+        sparse-output fields' batch sizes where already known (see :meth:`epoch_batch_nnz`).
         """
+        nnz = nnz or {}
         plan = self._gather_plan(rows.device if isinstance(rows, torch.Tensor) else _CPU)
         if plan is None:
-            return {key: f.gather(rows, pool, as_numpy) for key, f in self.fields.items()}
+            return {key: f.gather(rows, pool, as_numpy, nnz.get(key)) for key, f in self.fields.items()}
         planned = plan.gather(rows, pool, as_numpy)
         if len(planned) == len(self.fields):
             return planned
-        return {key: planned[key] if key in planned else f.gather(rows, pool, as_numpy)
+        return {key: planned[key] if key in planned else f.gather(rows, pool, as_numpy, nnz.get(key))
                 for key, f in self.fields.items()}
+
+    def epoch_batch_nnz(self, rows: torch.Tensor, batch_size: int, stop: int) -> list[dict[str, int]] | None:
+        """Non-zeros of every sparse-output field in each batch rows[start:start + batch_size]
+        (start < stop), computed on the device with one read-back for the whole epoch, so the
+        batches need no synchronisation to size their outputs. None where nothing needs it (no
+        sparse outputs, or their storage is not in the rows' GPU memory)."""
+        if rows.device.type != "cuda":
+            return None
+        keys = [key for key, f in self.fields.items()
+                if f.sparse_output and f.storage.kind == "csr" and f.storage.device == rows.device]
+        if not keys or stop <= 0:
+            return None
+        sizes = [batch_nnz(self.fields[key].storage.indptr, rows, batch_size, stop) for key in keys]
+        table = torch.stack(sizes).cpu().tolist()  # the epoch's one synchronisation
+        return [{key: int(column[b]) for key, column in zip(keys, table)} for b in range(len(table[0]))]
 
     def _gather_plan(self, device: torch.device):
         """The fields' gather plan for kernels on device (built once), or None if none fits."""

@@ -528,8 +528,9 @@ class _BatchIterator:
             if self._gpu_rows:
                 rows = _upload(rows, self._device)
         stop = (n // size) * size if drop_last else n
-        for start in range(0, stop, size):
-            yield rows[start:min(start + size, n)]
+        sizes = self._dataset.data.epoch_batch_nnz(rows, size, stop) if self._gpu_rows else None
+        for b, start in enumerate(range(0, stop, size)):
+            yield rows[start:min(start + size, n)], (sizes[b] if sizes is not None else None)
 
     def _rows(self, item) -> np.ndarray:
         """Observation rows (int64) for one sampler item: positions into the dataset."""
@@ -545,8 +546,9 @@ class _BatchIterator:
         return self._dataset.rows(positions.reshape(-1))
 
     def _fetch(self, item, as_numpy: bool) -> dict[str, Any]:
-        if self._rows_ready:
-            return self._dataset.data.fetch(item, pool=self._pool, as_numpy=as_numpy)
+        if self._rows_ready:  # (rows, known sparse batch sizes or None) from _epoch_row_batches
+            rows, nnz = item
+            return self._dataset.data.fetch(rows, pool=self._pool, as_numpy=as_numpy, nnz=nnz)
         rows = self._rows(item)
         if self._gpu_rows:
             rows = _upload(rows, self._device)

@@ -119,3 +119,20 @@ def test_compiled_plan_checks_its_inputs():
     np.testing.assert_array_equal(out, values[rows])
     with pytest.raises(IndexError, match="row index 4 at position 1"):
         plan.gather(np.array([0, 4]).ctypes.data, "int64", 2, [out.ctypes.data])
+
+
+@pytest.mark.parametrize(("n", "size", "drop_last"), [(97, 16, False), (97, 16, True), (96, 32, False), (5, 8, False)])
+@pytest.mark.parametrize("indptr_dtype", [np.int32, np.int64])
+def test_epoch_batch_sizes_equal_the_batches_nnz(n, size, drop_last, indptr_dtype):
+    """What the loader computes once per epoch so sparse GPU batches need no read-back."""
+    from annloader_gpu.dataset import batch_nnz
+
+    m = sp.random(120, 40, density=0.2, format="csr", random_state=4, dtype=np.float32)
+    m.data[m.indptr[7]:m.indptr[8]] = 0  # an empty row
+    m.eliminate_zeros()
+    assert m.indptr[8] == m.indptr[7]
+    rows = np.random.default_rng(5).integers(0, 120, n)
+    stop = (n // size) * size if drop_last else n
+    got = batch_nnz(torch.from_numpy(m.indptr.astype(indptr_dtype)), torch.from_numpy(rows), size, stop)
+    expected = [m[rows[start:start + size]].nnz for start in range(0, stop, size)]
+    assert got.dtype == torch.int64 and got.tolist() == expected

@@ -1207,17 +1207,16 @@ class PreparedData:
 
     def epoch_batch_nnz(self, rows: torch.Tensor, batch_size: int, stop: int) -> list[dict[str, int]] | None:
         """Non-zeros of every sparse-output field in each batch rows[start:start + batch_size]
-        (start < stop), computed on the device with one read-back for the whole epoch, so the
-        batches need no synchronisation to size their outputs. None where nothing needs it (no
-        sparse outputs, or their storage is not in the rows' GPU memory)."""
-        if rows.device.type != "cuda":
-            return None
+        (start < stop), for the fields whose storage is where the rows are: computed there once
+        for the whole epoch (on a GPU with one read-back), so the batches need no synchronisation
+        to size their outputs. The loader asks with the epoch's device rows (data in GPU memory)
+        and with its host rows (pinned data). None where no field qualifies."""
         keys = [key for key, f in self.fields.items()
                 if f.sparse_output and f.storage.kind == "csr" and f.storage.device == rows.device]
         if not keys or stop <= 0:
             return None
         sizes = [batch_nnz(self.fields[key].storage.indptr, rows, batch_size, stop) for key in keys]
-        table = torch.stack(sizes).cpu().tolist()  # the epoch's one synchronisation
+        table = torch.stack(sizes).cpu().tolist()  # on a GPU: the epoch's one synchronisation
         return [{key: int(column[b]) for key, column in zip(keys, table)} for b in range(len(table[0]))]
 
     def _gather_plan(self, device: torch.device):

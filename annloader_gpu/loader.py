@@ -517,6 +517,7 @@ class _BatchIterator:
         beyond slicing; the permutation itself is drawn on the host exactly as RandomSampler
         draws it, so the order equals scvi-tools' for the same seed.
         """
+        host_rows = None
         if isinstance(order, torch.Tensor):  # drawn on the GPU by a CUDA generator
             if self._gpu_rows:
                 rows = self._dataset.device_rows(order, self._device)
@@ -524,13 +525,26 @@ class _BatchIterator:
                 rows = self._dataset.rows(order.cpu().numpy())
         else:
             positions = np.arange(n, dtype=np.int64) if order is None else order.astype(np.int64, copy=False)
-            rows = self._dataset.rows(positions)
+            rows = host_rows = self._dataset.rows(positions)
             if self._gpu_rows:
                 rows = _upload(rows, self._device)
         stop = (n // size) * size if drop_last else n
-        sizes = self._dataset.data.epoch_batch_nnz(rows, size, stop) if self._gpu_rows else None
+        sizes = self._epoch_sparse_sizes(rows, host_rows, size, stop) if self._gpu_rows else None
         for b, start in enumerate(range(0, stop, size)):
             yield rows[start:min(start + size, n)], (sizes[b] if sizes is not None else None)
+
+    def _epoch_sparse_sizes(self, rows: torch.Tensor, host_rows: np.ndarray | None, size: int,
+                            stop: int) -> list[dict[str, int]] | None:
+        """Every batch's sparse output sizes, from the rows where each field's storage lives
+        (GPU memory: the device rows; pinned memory: the host rows), merged per batch."""
+        data = self._dataset.data
+        parts = [data.epoch_batch_nnz(rows, size, stop)]
+        if host_rows is not None:
+            parts.append(data.epoch_batch_nnz(torch.from_numpy(np.ascontiguousarray(host_rows)), size, stop))
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None
+        return [{k: v for p in parts for k, v in p[b].items()} for b in range(len(parts[0]))]
 
     def _rows(self, item) -> np.ndarray:
         """Observation rows (int64) for one sampler item: positions into the dataset."""

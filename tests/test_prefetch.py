@@ -229,3 +229,19 @@ def test_gpu_epoch_has_no_host_synchronisation_after_its_first_batch(residency, 
     reference = list(AnnDataLoader(registry, device="cpu", batch_size=8, shuffle=True,
                                    load_sparse_tensor=load_sparse_tensor))
     assert_batches_equal(reference, [{k: v.cpu() for k, v in b.items()} for b in batches])
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_epoch_sparse_sizes_match_the_batches(drop_last):
+    """The per-epoch sizes a GPU loader uses instead of reading each batch's nnz back, computed
+    here from host rows over host storage (the pinned-residency case)."""
+    registry = setup_anndata(make_adata("csr"))
+    loader = AnnDataLoader(registry, device="cpu", batch_size=16, load_sparse_tensor=True, drop_last=drop_last)
+    batches = list(loader)
+    iterator = iter(loader)
+    rows = np.arange(registry.adata.n_obs, dtype=np.int64)
+    n = len(rows)
+    stop = (n // 16) * 16 if drop_last else n
+    sizes = iterator._epoch_sparse_sizes(torch.from_numpy(rows), rows, 16, stop)
+    assert [s["X"] for s in sizes] == [int(b["X"].values().numel()) for b in batches]
+    assert all(set(s) == {"X"} for s in sizes)

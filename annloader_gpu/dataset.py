@@ -1113,10 +1113,10 @@ def _where(manager: Any, key: str) -> str:
 _CPU = torch.device("cpu")
 
 
-def batch_nnz(indptr: torch.Tensor, rows: torch.Tensor, batch_size: int, stop: int) -> torch.Tensor:
+def batch_nnz(indptr: torch.Tensor | np.ndarray, rows: torch.Tensor, batch_size: int, stop: int) -> torch.Tensor:
     """int64 non-zeros of each batch rows[start:start + batch_size], start in range(0, stop,
     batch_size), of the CSR matrix with this indptr; torch ops on the tensors' device."""
-    indptr = indptr.to(torch.int64)
+    indptr = torch.as_tensor(indptr).to(torch.int64)  # numpy host storage: a view, then one cast
     lengths = indptr[rows + 1] - indptr[rows]
     before = torch.cat((torch.zeros(1, dtype=torch.int64, device=rows.device), torch.cumsum(lengths, 0)))
     starts = torch.arange(0, stop, batch_size, device=rows.device)

@@ -142,6 +142,75 @@ def check_kernels(device: torch.device, rng: np.random.Generator, quick: bool) -
     return failures
 
 
+def _dense(value):
+    return value.to_dense() if isinstance(value, torch.Tensor) and value.layout != torch.strided else value
+
+
+def check_loaders(device: torch.device, quick: bool) -> list[str]:
+    """Whole loader batches on device against the CPU loader's, over many configurations.
+
+    Outputs are poisoned through torch itself: with deterministic algorithms on, torch.empty
+    fills new memory with NaN (floats) or the largest integer, so a row or field the GPU path
+    forgot to write cannot pass.
+    """
+    try:
+        import anndata as ad
+        import pandas as pd
+
+        from annloader_gpu.loader import AnnDataLoader
+        from annloader_gpu.registry import setup_anndata
+    except ImportError as exc:
+        return [f"loader check skipped: {exc}"]
+    failures: list[str] = []
+    rng = np.random.default_rng(7)
+    n_obs, n_vars = (300, 50) if quick else (3000, 700)
+    counts = sp.random(n_obs, n_vars, density=0.1, format="csr", random_state=rng, dtype=np.float32)
+    counts.data = rng.integers(1, 300, counts.nnz).astype(np.float32)
+    counts.data[counts.indptr[3]:counts.indptr[4]] = 0  # an empty row
+    counts.eliminate_zeros()
+    obs = pd.DataFrame({"batch": rng.choice(["a", "b", "c"], n_obs), "cell_type": rng.choice(["x", "y"], n_obs),
+                        "age": rng.integers(0, 90, n_obs), "size": rng.random(n_obs)},
+                       index=[f"c{i}" for i in range(n_obs)])
+    poisoned = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        for x_format in ("csr", "csc", "dense"):
+            x = counts if x_format == "csr" else (counts.tocsc() if x_format == "csc" else counts.toarray())
+            adata = ad.AnnData(X=x, obs=obs.copy())
+            adata.obsm["pcs"] = rng.standard_normal((n_obs, 6)).astype(np.float32)
+            registry = setup_anndata(adata, batch_key="batch", labels_key="cell_type",
+                                     continuous_covariate_keys=["age", "size"], obsm_keys=["pcs"])
+            for residency in (("device", "pinned", "host") if device.type == "cuda" else ("host",)):
+                for sparse_out in (False, True):
+                    for prefetch in (True, False):
+                        for dtypes in (None, {"X": np.float16, "batch": np.int32, "pcs": np.float64}):
+                            kwargs = dict(batch_size=64, shuffle=True, load_sparse_tensor=sparse_out,
+                                          data_and_attributes=dtypes, drop_last=False)
+                            torch.manual_seed(3)
+                            expected = list(AnnDataLoader(registry, device="cpu", **kwargs))
+                            torch.manual_seed(3)
+                            got = list(AnnDataLoader(registry, device=device, residency=residency,
+                                                     prefetch=prefetch, **kwargs))
+                            if device.type == "cuda":
+                                torch.cuda.synchronize(device)
+                            name = (f"loader {x_format} residency={residency} sparse={sparse_out} "
+                                    f"prefetch={prefetch} dtypes={dtypes}")
+                            if len(got) != len(expected):
+                                failures.append(f"{name}: {len(got)} batches, expected {len(expected)}")
+                                continue
+                            for i, (g, e) in enumerate(zip(got, expected)):
+                                for key in e:
+                                    a, b = _dense(g[key]).cpu(), _dense(e[key])
+                                    if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+                                        failures.append(f"{name}: batch {i} field {key} differs")
+                                        break
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = poisoned
+        torch.use_deterministic_algorithms(False)
+    return failures
+
+
 # --- timings ----------------------------------------------------------------------------------
 
 
@@ -361,6 +430,8 @@ def main(argv=None) -> int:
     log(json.dumps(report["build_info"]))
     rng = np.random.default_rng(0)
     failures = check_kernels(device, rng, quick=args.quick or args.sanitize_case)
+    if not args.sanitize_case:
+        failures += check_loaders(device, quick=args.quick)
     report["correctness_failures"] = failures
     log(f"correctness: {'OK' if not failures else f'{len(failures)} FAILURES'}")
     for f in failures:

@@ -54,6 +54,14 @@ def cupy_to_torch(array: Any):
     try:
         return torch.as_tensor(array, device=device)
     except (TypeError, RuntimeError, ValueError):
+        pass
+    # Layouts torch cannot wrap (negative strides, say): a C-contiguous copy, on the GPU.
+    import cupy
+
+    array = cupy.ascontiguousarray(array)
+    try:
+        return torch.as_tensor(array, device=device)
+    except (TypeError, RuntimeError, ValueError):
         wider = _WIDER.get(array.dtype.kind)
         if wider is None or array.dtype == np.dtype(wider):
             raise TypeError(f"cannot view a CuPy array of dtype {array.dtype} as a torch tensor") from None

@@ -853,37 +853,34 @@ def _source_identity(source: Any) -> tuple:
             arrays)
 
 
-_STORAGE_CACHE: dict[tuple, list] = {}  # key -> [weakref to the source, storage]
+_STORAGE_CACHE: dict[tuple, tuple] = {}  # key -> (weakref to the source, weakref to its storage)
 _CACHE_LOCK = threading.Lock()
 
 
 def _cached_storage(source: Any, build) -> Any:
-    """Storage for source, shared while source is alive and unchanged (identity, shape, nnz)."""
+    """Storage for source, shared while source is alive and unchanged (identity, shape, nnz) and
+    some loader still holds the storage.
+
+    The cache owns nothing: storage often holds the source itself (a dense array used in place
+    is a view of it; a tensor over a CuPy array keeps the array alive), so a strong reference
+    here would keep the source, and its GPU memory, alive for the life of the process.
+    """
     key = _source_identity(source)
-
-    def forget(dead_ref: weakref.ref, key: tuple = key, cache: dict = _STORAGE_CACHE) -> None:
-        # The cache lets go of the storage when its source dies, so storage that may hold GPU
-        # memory (shared with the source) is not kept alive by the cache. Called from the garbage
-        # collector at any moment (interpreter shutdown included: no module globals): no lock, and
-        # no change to the dict's size (another thread may be iterating it); the stale entry
-        # itself is swept later.
-        entry = cache.get(key)
-        if entry is not None and entry[0] is dead_ref:
-            entry[1] = None
-
     try:
-        ref = weakref.ref(source, forget)
+        ref = weakref.ref(source)
     except TypeError:
         return build()
     with _CACHE_LOCK:
-        for stale in [k for k, (r, _) in _STORAGE_CACHE.items() if r() is None]:
+        for stale in [k for k, (r, s) in _STORAGE_CACHE.items() if r() is None or s() is None]:
             del _STORAGE_CACHE[stale]
         hit = _STORAGE_CACHE.get(key)
         if hit is not None and hit[0]() is source:
-            return hit[1]
+            storage = hit[1]()
+            if storage is not None:
+                return storage
     storage = build()
     with _CACHE_LOCK:
-        _STORAGE_CACHE[key] = [ref, storage]
+        _STORAGE_CACHE[key] = (ref, weakref.ref(storage))
     return storage
 
 
@@ -1205,14 +1202,18 @@ class PreparedData:
         return {key: planned[key] if key in planned else f.gather(rows, pool, as_numpy, nnz.get(key))
                 for key, f in self.fields.items()}
 
+    def sparse_fields_on(self, device: torch.device) -> list[str]:
+        """Keys of the sparse-output fields whose CSR storage is on device (pinned: the CPU)."""
+        return [key for key, f in self.fields.items()
+                if f.sparse_output and f.storage.kind == "csr" and f.storage.device == device]
+
     def epoch_batch_nnz(self, rows: torch.Tensor, batch_size: int, stop: int) -> list[dict[str, int]] | None:
         """Non-zeros of every sparse-output field in each batch rows[start:start + batch_size]
         (start < stop), for the fields whose storage is where the rows are: computed there once
         for the whole epoch (on a GPU with one read-back), so the batches need no synchronisation
         to size their outputs. The loader asks with the epoch's device rows (data in GPU memory)
         and with its host rows (pinned data). None where no field qualifies."""
-        keys = [key for key, f in self.fields.items()
-                if f.sparse_output and f.storage.kind == "csr" and f.storage.device == rows.device]
+        keys = self.sparse_fields_on(rows.device)
         if not keys or stop <= 0:
             return None
         sizes = [batch_nnz(self.fields[key].storage.indptr, rows, batch_size, stop) for key in keys]
@@ -1336,6 +1337,12 @@ class AnnDataset(Dataset):
         if isinstance(positions, slice):
             positions = np.arange(len(self.indices))[positions]
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
-        batch = self.data.fetch(self.rows(positions), pool=None, as_numpy=True)
+        rows = self.rows(positions)
+        if self.data.device.type == "cuda":  # GPU storage: gathered there, handed back on the host
+            batch = self.data.fetch(torch.from_numpy(rows).to(self.data.device), as_numpy=False)
+            batch = {key: value.cpu() if value.layout != torch.strided else value.cpu().numpy()
+                     for key, value in batch.items()}
+        else:
+            batch = self.data.fetch(rows, pool=None, as_numpy=True)
         # scvi's Subset maps a scalar to one observation: dense fields lose the batch dimension.
         return self.data.single(batch) if scalar else batch

@@ -317,6 +317,10 @@ class AnnDataLoader(DataLoader):
         self.residency = resolve_residency(residency, self.device, bytes_to_place(prepared, self.device),
                                            data_devices=gpu_data_devices(prepared))
         prepared, self.residency = place(prepared, self.device, self.residency, residency)
+        if self.device.type == "cuda":
+            # Set-up work (conversions of GPU-resident sources, device-to-device copies) sits on the
+            # stream current now, which need not be the one batches are gathered on: finish it once.
+            torch.cuda.current_stream(self.device).synchronize()
         self.dataset = AnnDataset(prepared, self.indices)
         self._iter_ndarray = bool(iter_ndarray)
 
@@ -462,9 +466,10 @@ class _BatchIterator:
         # DataLoader's single-process iterator draws a base seed from the loader's generator
         # (the global RNG by default) before sampling; doing the same keeps shuffling identical
         # to scvi-tools' loader under torch.manual_seed.
+        # (A CUDA generator has no such draw to mirror: DataLoader itself cannot make it.)
         generator = loader.generator
-        seed_device = generator.device if generator is not None else torch.device("cpu")
-        torch.empty((), dtype=torch.int64, device=seed_device).random_(generator=generator)
+        if generator is None or generator.device.type == "cpu":
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
         dataset = loader.dataset
         self._dataset = dataset
         self._device = loader.device
@@ -479,7 +484,9 @@ class _BatchIterator:
         # Prefetching: the next batch is gathered on a side stream while the consumer uses this one.
         self._side_stream = None
         self._pending: Any = _NOT_STARTED
-        if self._gpu_rows and loader.prefetch:
+        # Not with a user collate_fn: its batch may hold tensors in containers _record_stream
+        # cannot see, and an unrecorded tensor could be overwritten while the consumer reads it.
+        if self._gpu_rows and loader.prefetch and self._mode != "custom":
             self._side_stream = loader._prefetch_stream()
             # The resident data was placed on the consumer's stream: order the gathers after it.
             self._side_stream.wait_stream(_current_stream(self._device))
@@ -539,6 +546,8 @@ class _BatchIterator:
         (GPU memory: the device rows; pinned memory: the host rows), merged per batch."""
         data = self._dataset.data
         parts = [data.epoch_batch_nnz(rows, size, stop)]
+        if host_rows is None and data.sparse_fields_on(torch.device("cpu")):  # pinned data, GPU-drawn rows
+            host_rows = rows.cpu().numpy()  # one read-back per epoch instead of one per batch
         if host_rows is not None:
             parts.append(data.epoch_batch_nnz(torch.from_numpy(np.ascontiguousarray(host_rows)), size, stop))
         parts = [p for p in parts if p is not None]
@@ -591,6 +600,7 @@ class _BatchIterator:
         consumer = _current_stream(self._device)
         consumer.wait_stream(self._side_stream)  # ordered after this batch's gathers
         _record_stream(ready, consumer)
+        self._pending = _NOT_STARTED  # an interrupt while prefetching must not hand `ready` out twice
         self._pending = self._prefetch()  # the next batch's gathers overlap the consumer's work
         return ready
 

@@ -614,3 +614,27 @@ def test_cuda_tensors_are_gathered_in_place(fmt):
         other = AnnDataLoader(_FakeRegistry(adata, {"X": x}), device="cuda:1", batch_size=16)
         assert other.dataset.data.fields["X"].storage.device == torch.device("cuda", 1)
         assert torch.equal(torch.cat([b["X"].cpu() for b in other]), torch.from_numpy(m.toarray()))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "scipy"])
+def test_the_storage_cache_never_keeps_a_source_alive(kind):
+    """A dense source used in place is a base of its storage: a cache that owned the storage
+    would keep the source (for CuPy data: its GPU memory) alive for the life of the process."""
+    import gc
+    import weakref
+
+    from annloader_gpu.registry import setup_anndata
+    from test_loader import make_adata
+
+    adata = make_adata("dense" if kind == "numpy" else "csr")
+    adata.obsm["emb"] = np.random.default_rng(0).random((adata.n_obs, 3)).astype(np.float32)
+    source = weakref.ref(adata.obsm["emb"] if kind == "numpy" else adata.X)
+    registry = setup_anndata(adata, obsm_keys=["emb"])
+    first = AnnDataLoader(registry, device="cpu", batch_size=8)
+    second = AnnDataLoader(registry, device="cpu", batch_size=4)
+    key = "emb" if kind == "numpy" else "X"
+    assert first.dataset.data.fields[key].storage is second.dataset.data.fields[key].storage  # shared
+    next(iter(first))
+    del first, second, registry, adata
+    gc.collect()
+    assert source() is None

@@ -148,3 +148,31 @@ def test_large_batches_and_wide_dense_rows(_):
     many[1_199_990] = 6000
     with pytest.raises(IndexError, match="at position 1199990"):
         kernels.check_rows(many, 6000)
+
+
+@pytest.mark.parametrize("_", CUDA)
+def test_launch_from_a_thread_without_a_context(_):
+    """DeviceGuard restores "no current context" on a fresh thread without breaking torch there."""
+    import threading
+
+    m = _matrix()
+    arrays = _on_cuda(m)
+    rows, out = torch.arange(5, device="cuda"), torch.empty(5, 500, device="cuda")
+    bound = kernels.BoundCsr(*arrays, 500, validate=False)
+    torch.cuda.synchronize()
+    errors = []
+
+    def work():
+        try:
+            bound.to_dense(rows, out)
+            torch.cuda.current_stream().synchronize()
+            assert torch.cuda.current_device() == 0
+            assert torch.ones(3, device="cuda").sum().item() == 3
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    assert torch.equal(out.cpu(), torch.from_numpy(m[:5].toarray()))

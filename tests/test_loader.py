@@ -530,3 +530,17 @@ def test_dataset_getitem_matches_scvi_subset(scvi):
     for positions in ([3, 1, 1], np.array([0, 49]), slice(2, 9, 3)):
         expected = reference[list(range(50))[positions] if isinstance(positions, slice) else list(positions)]
         assert_batches_equal([expected], [dataset[positions]])
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("residency", ["device", "pinned"])
+def test_gpu_loader_dataset_indexing_returns_host_arrays(residency):
+    """loader.dataset[i] as scvi-tools' dataset gives it (numpy on the host), whatever the residency."""
+    from annloader_gpu.registry import setup_anndata
+
+    registry = setup_anndata(make_adata("csr"), **FULL_SETUP)
+    expected = AnnDataLoader(registry, device="cpu").dataset
+    dataset = AnnDataLoader(registry, device="cuda", residency=residency).dataset
+    for positions in ([3, 1, 1], 5, slice(2, 9, 3)):
+        assert_batches_equal([expected[positions]], [dataset[positions]])

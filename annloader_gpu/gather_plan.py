@@ -19,7 +19,7 @@ import torch
 
 from . import _core
 from ._cuda_module import require_cuda_module
-from .kernels import bad_row_slot
+from .kernels import bad_row_slot, current_stream_handle
 
 if TYPE_CHECKING:
     from .dataset import BufferPool, Field
@@ -100,7 +100,7 @@ class FieldGatherPlan:
         n = rows.shape[0]
         device = self.device
         outputs = [torch.empty((n, n_cols), dtype=dtype, device=device) for n_cols, _, dtype, _ in self._outputs]
-        self._plan.gather(self._device_index, torch.cuda.current_stream(self._device_index).cuda_stream,
+        self._plan.gather(self._device_index, current_stream_handle(self._device_index),
                           rows.data_ptr(), _ROW_DTYPES[rows.dtype], n, [o.data_ptr() for o in outputs],
                           self._bad_slot)
         return {key: (out.reshape(n) if spec[3] else out)

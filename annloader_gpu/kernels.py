@@ -205,9 +205,22 @@ _bad_row_slots: dict[int, torch.Tensor] = {}
 _NO_BAD_ROW = -1  # all ones: atomicMin of any position replaces it
 
 
+try:  # torch's own raw accessor (what Triton uses): no Stream object built on the hot path
+    from torch._C import _cuda_getCurrentRawStream as _raw_current_stream
+except ImportError:  # CPU builds of torch
+    _raw_current_stream = None
+
+
+def current_stream_handle(index: int) -> int:
+    """The cudaStream_t (as an int) of torch's current stream on CUDA device index."""
+    if _raw_current_stream is not None:
+        return int(_raw_current_stream(index))
+    return torch.cuda.current_stream(index).cuda_stream
+
+
 def _cuda_call_args(device: torch.device) -> dict:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return dict(device=index, stream=torch.cuda.current_stream(index).cuda_stream)
+    return dict(device=index, stream=current_stream_handle(index))
 
 
 def bad_row_slot(device: torch.device) -> torch.Tensor:
@@ -509,7 +522,7 @@ class _Bound:
             self._cuda = None
 
     def _stream(self) -> int:
-        return torch.cuda.current_stream(self._device_index).cuda_stream
+        return current_stream_handle(self._device_index)
 
     def _fast_rows(self, rows) -> tuple[int, str, int] | None:
         """(address, dtype, count) for a contiguous 1-D torch index tensor on this device, else None."""

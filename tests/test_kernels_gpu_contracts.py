@@ -176,3 +176,11 @@ def test_launch_from_a_thread_without_a_context(_):
     thread.join()
     assert not errors, errors
     assert torch.equal(out.cpu(), torch.from_numpy(m[:5].toarray()))
+
+
+@pytest.mark.parametrize("_", CUDA)
+def test_current_stream_handle_follows_torchs_current_stream(_):
+    stream = torch.cuda.Stream()
+    assert kernels.current_stream_handle(0) == torch.cuda.current_stream(0).cuda_stream
+    with torch.cuda.stream(stream):
+        assert kernels.current_stream_handle(0) == stream.cuda_stream

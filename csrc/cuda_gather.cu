@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <vector>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -159,12 +160,63 @@ void check_rows(int device, uintptr_t stream, const RowIndices& rows, int64_t n_
 }
 
 // Every field of the plan for the same rows: one host call, one launch per field.
+// Dense fields at most this wide go through the grouped narrow-field kernel; wider ones (a dense
+// X) get a launch of their own with a block per row.
+constexpr int64_t kNarrowFieldCols = 64;
+
+bool is_narrow(const PlannedField& field) {
+  return !field.from_csr && field.dense.n_cols > 0 && field.dense.n_cols <= kNarrowFieldCols;
+}
+
+// One launch for up to kMaxFieldsPerLaunch narrow fields sharing a (source, output) dtype pair.
+void launch_narrow_fields(uintptr_t stream, const std::vector<const PlannedField*>& fields,
+                          const std::vector<uintptr_t>& outs, const RowIndices& rows, bool rows64,
+                          int64_t n_rows, uintptr_t bad_position) {
+  NarrowFieldPack pack{};
+  int64_t widest = 0;
+  for (size_t k = 0; k < fields.size(); ++k) {
+    const DenseMatrix& m = fields[k]->dense;
+    pack.fields[k] = NarrowField{m.values, m.n_cols, m.row_stride, as_ptr(outs[k])};
+    widest = std::max(widest, m.n_cols);
+  }
+  const dim3 grid(blocks_for(rows.count * widest, kRowThreads), static_cast<unsigned int>(fields.size()));
+  dispatch_value(fields.front()->dense.dtype, [&](auto val_tag) {
+    using Val = typename decltype(val_tag)::type;
+    dispatch_output(fields.front()->out_dtype, [&](auto out_tag) {
+      using Out = typename decltype(out_tag)::type;
+      gather_narrow_fields_kernel<Val, Out><<<grid, kRowThreads, 0, as_stream(stream)>>>(
+          pack, n_rows, rows.rows, rows64, rows.count, as_slot(bad_position));
+      check_launch("gather_narrow_fields_kernel");
+    });
+  });
+}
+
 void gather_planned(int device, uintptr_t stream, const GatherPlan& plan, const RowIndices& rows,
                     const std::vector<uintptr_t>& outputs, uintptr_t bad_position) {
   plan.require_outputs(outputs.size());
+  const bool rows64 = is_int64_index(rows.dtype, "row index");
   const DeviceGuard guard(device);
-  for (size_t f = 0; f < outputs.size(); ++f) {
-    const PlannedField& field = plan.fields()[f];
+  const auto& fields = plan.fields();
+  std::vector<bool> done(fields.size(), false);
+  for (size_t f = 0; f < fields.size(); ++f) {
+    if (done[f]) continue;
+    const PlannedField& field = fields[f];
+    if (is_narrow(field) && rows.count > 0) {
+      // This field and the later narrow ones with the same dtype pair, in one launch.
+      std::vector<const PlannedField*> group;
+      std::vector<uintptr_t> outs;
+      for (size_t g = f; g < fields.size() && group.size() < kMaxFieldsPerLaunch; ++g) {
+        if (!done[g] && is_narrow(fields[g]) && fields[g].dense.dtype == field.dense.dtype &&
+            fields[g].out_dtype == field.out_dtype) {
+          group.push_back(&fields[g]);
+          outs.push_back(outputs[g]);
+          done[g] = true;
+        }
+      }
+      launch_narrow_fields(stream, group, outs, rows, rows64, plan.n_rows(), bad_position);
+      continue;
+    }
+    done[f] = true;
     if (field.from_csr) {
       gather_csr_to_dense(device, stream, field.csr, rows, outputs[f], field.out_dtype, bad_position);
     } else {

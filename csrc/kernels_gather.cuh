@@ -65,6 +65,40 @@ __global__ void gather_dense_rows_kernel(const Val* __restrict__ src, int64_t n_
   }
 }
 
+// Narrow dense fields (obs columns, small obsm blocks) of one (source, output) dtype pair,
+// gathered by one launch: grid.y picks the field, threads walk its batch elements. A model's
+// batch/labels/covariates then cost one launch together instead of one each.
+constexpr int kMaxFieldsPerLaunch = 8;
+
+struct NarrowField {
+  const void* src;
+  int64_t n_cols;
+  int64_t row_stride;
+  void* out;
+};
+
+struct NarrowFieldPack {
+  NarrowField fields[kMaxFieldsPerLaunch];
+};
+
+template <typename Val, typename Out>
+__global__ void gather_narrow_fields_kernel(NarrowFieldPack pack, int64_t n_rows,
+                                            const void* __restrict__ rows, bool rows64,
+                                            int64_t n_batch, unsigned long long* bad_position) {
+  const NarrowField field = pack.fields[blockIdx.y];
+  const auto* src = static_cast<const Val*>(field.src);
+  auto* out = static_cast<Out*>(field.out);
+  const int64_t n_elements = n_batch * field.n_cols;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n_elements;
+       e += stride) {
+    const int64_t i = e / field.n_cols;
+    const int64_t c = e - i * field.n_cols;
+    const int64_t r = load_index(rows, rows64, i);
+    out[e] = row_in_range(r, n_rows, i, bad_position) ? cast<Out>(src[r * field.row_stride + c]) : Out{};
+  }
+}
+
 // out_indptr[i + 1] = length of batch row i (0 for a bad row); out_indptr[0] = 0.
 __global__ void batch_row_lengths_kernel(const void* __restrict__ indptr, bool indptr64,
                                          int64_t n_rows, const void* __restrict__ rows,

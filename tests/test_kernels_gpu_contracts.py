@@ -184,3 +184,58 @@ def test_current_stream_handle_follows_torchs_current_stream(_):
     assert kernels.current_stream_handle(0) == torch.cuda.current_stream(0).cuda_stream
     with torch.cuda.stream(stream):
         assert kernels.current_stream_handle(0) == stream.cuda_stream
+
+
+@pytest.mark.parametrize("_", CUDA)
+def test_gather_plan_groups_narrow_fields_like_the_cpu_plan(_):
+    """Narrow dense fields share launches by dtype pair (up to 8 each); wide ones and CSR fields
+    get their own. Every output, poisoned first, must equal the CPU plan's."""
+    from annloader_gpu import _core
+    from annloader_gpu._cuda_module import require_cuda_module
+
+    rng = np.random.default_rng(11)
+    n_rows = 500
+    m = _matrix(n_rows=n_rows, n_cols=300, seed=11)
+    sources = [(np.float32, 1, "float32"), (np.int64, 1, "int64")] * 6  # 12 narrow: two groups of 6
+    sources += [(np.float32, 1, "float32")] * 5  # 11 float32 -> float32 in all: a group of 8, then 3
+    sources += [(np.uint8, 3, "float64"), (np.float64, 64, "float16"), (np.float32, 65, "float32"),
+                (np.int32, 2000, "int64"), (np.float32, 0, "float32")]  # 64 is narrow, 65 and 2000 wide
+    host = [np.ascontiguousarray((rng.random((n_rows, c)) * 100).astype(dt)) for dt, c, _ in sources]
+    device_arrays = [torch.from_numpy(a).cuda() for a in host]
+    csr_host = [m.indptr, m.indices, m.data]
+    csr_device = _on_cuda(m)
+    cpu_plan, gpu_plan = _core.GatherPlan(), require_cuda_module().GatherPlan()
+
+    def add(plan, csr, arrays):
+        plan.add_csr(*(x for a, name in zip(csr, ("int32", "int32", "float32"))
+                       for x in ((a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()), name)),
+                     n_rows, 300, "float32")
+        for array, (_, n_cols, out) in zip(arrays, sources):
+            address = array.ctypes.data if isinstance(array, np.ndarray) else array.data_ptr()
+            plan.add_dense(address, kernels.dtype_name(array), n_rows, n_cols, n_cols, out)
+
+    add(cpu_plan, csr_host, host)
+    add(gpu_plan, csr_device, device_arrays)
+    rows = rng.integers(0, n_rows, 333)
+    out_dtypes = ["float32"] + [out for _, _, out in sources]
+    widths = [300] + [c for _, c, _ in sources]
+    torch_dtypes = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "int64": torch.int64}
+    cpu_out = [torch.empty(len(rows), w, dtype=torch_dtypes[d]) for w, d in zip(widths, out_dtypes)]
+    gpu_out = [torch.full((len(rows), w), -7, dtype=torch_dtypes[d], device="cuda") for w, d in zip(widths, out_dtypes)]
+    rows_np = rows.astype(np.int64)
+    cpu_plan.gather(rows_np.ctypes.data, "int64", len(rows), [t.data_ptr() for t in cpu_out])
+    rows_cuda = torch.from_numpy(rows_np).cuda()
+    gpu_plan.gather(0, torch.cuda.current_stream().cuda_stream, rows_cuda.data_ptr(), "int64", len(rows),
+                    [t.data_ptr() for t in gpu_out], kernels.fresh_bad_row_slot(torch.device("cuda", 0)).data_ptr())
+    torch.cuda.synchronize()
+    for k, (c, g) in enumerate(zip(cpu_out, gpu_out)):
+        assert torch.equal(c, g.cpu()), f"field {k}"
+    # A bad row: recorded, and the narrow fields' row left zero.
+    bad = torch.tensor([0, n_rows + 3, 1], device="cuda")
+    slot = kernels.fresh_bad_row_slot(torch.device("cuda", 0))
+    outs = [torch.full((3, w), -7, dtype=torch_dtypes[d], device="cuda") for w, d in zip(widths, out_dtypes)]
+    gpu_plan.gather(0, torch.cuda.current_stream().cuda_stream, bad.data_ptr(), "int64", 3,
+                    [t.data_ptr() for t in outs], slot.data_ptr())
+    assert int(slot.item()) == 1
+    slot.fill_(-1)
+    assert all(bool((o[1] == 0).all()) for o in outs[1:] if o.shape[1])

@@ -43,7 +43,7 @@ class FieldGatherPlan:
     """
 
     def __init__(self, fields: dict[str, Field], device: torch.device):
-        from .dataset import torch_dtype
+        from .storage import torch_dtype
 
         self.device = device
         cuda = device.type == "cuda"

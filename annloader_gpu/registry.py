@@ -504,7 +504,7 @@ def _require_canonical_compressed(matrix: Any, where: str) -> None:
 
 def _require_canonical_device_compressed(matrix: Any, where: str) -> None:
     """The checks of _require_canonical_compressed for a cupyx matrix, run on its GPU with torch."""
-    from .dataset import check_sparse_tensors, cupy_sparse_parts
+    from .tensor_sources import check_sparse_tensors, cupy_sparse_parts
 
     indptr, indices, data, fmt = cupy_sparse_parts(matrix, where)
     check_sparse_tensors(indptr, indices, data, tuple(matrix.shape), fmt, where)

@@ -1,6 +1,6 @@
 """Data that already lives in tensors: cupyx / cupy in GPU memory, torch tensors on any device.
 
-One builder written in torch ops (``dataset._tensor_sparse_storage`` / ``_tensor_dense_storage``)
+One builder written in torch ops (``tensor_sources._tensor_sparse_storage`` / ``_tensor_dense_storage``)
 serves every such source, so most of it is checked here on the CPU with torch tensors: batches
 against scipy, zero copy where promised, the structure never shared, the same validation (rules
 and messages) as the scipy path. The CuPy dispatch is checked on the CPU with a stand-in CuPy
@@ -24,8 +24,10 @@ import scipy.sparse as sp
 import torch
 
 from _reference import assert_batches_equal, make_counts, make_obs
-from annloader_gpu import dataset as ds
-from annloader_gpu.dataset import Field, build_storage
+from annloader_gpu import host_sources, tensor_sources
+from annloader_gpu import storage as storage_module
+from annloader_gpu.dataset import Field
+from annloader_gpu.sources import build_storage
 from annloader_gpu.loader import AnnDataLoader, resolve_residency
 from annloader_gpu.registry import _validated_matrix, setup_anndata
 from conftest import GPU_USABLE, dense_rows_reference, random_csr
@@ -52,7 +54,7 @@ def _parts(m, fmt: str = "csr"):
 
 def _storage(m, fmt="csr", where="X"):
     indptr, indices, data = _parts(m, fmt)
-    return ds._tensor_sparse_storage(indptr, indices, data, m.shape, fmt, where)
+    return tensor_sources._tensor_sparse_storage(indptr, indices, data, m.shape, fmt, where)
 
 
 def _gather(storage, rows, dtype=np.float64, sparse=False):
@@ -82,7 +84,8 @@ def _sparse_tensor(m, fmt: str):
 def scan_block(request, monkeypatch):
     """Validation scans indices in blocks: also run with tiny blocks, so rows straddle them."""
     if request.param is not None:
-        monkeypatch.setattr(ds, "_SCAN_BLOCK", request.param)
+        monkeypatch.setattr(host_sources, "_SCAN_BLOCK", request.param)
+        monkeypatch.setattr(tensor_sources, "_SCAN_BLOCK", request.param)
     return request.param
 
 
@@ -115,7 +118,7 @@ def test_index_dtypes_and_compact_structure(fmt, indptr_dtype, index_dtype, n_co
         indptr, indices, data = (torch.from_numpy(a) for a in (c.indptr, c.indices, c.data))
     else:
         indptr, indices, data = _parts(m)
-    storage = ds._tensor_sparse_storage(indptr, indices, data, m.shape, fmt, "X")
+    storage = tensor_sources._tensor_sparse_storage(indptr, indices, data, m.shape, fmt, "X")
     # The structure is the storage's own copy, in compact dtypes.
     assert storage.indices.dtype == (torch.uint16 if n_cols <= 65536 else torch.int32)
     assert storage.indptr.dtype == torch.int32
@@ -130,7 +133,7 @@ def test_index_dtypes_and_compact_structure(fmt, indptr_dtype, index_dtype, n_co
 def test_csr_values_are_used_in_place_and_structure_is_copied():
     m = _csr(seed=7)
     indptr, indices, data = _parts(m)
-    storage = ds._tensor_sparse_storage(indptr, indices, data, m.shape, "csr", "X")
+    storage = tensor_sources._tensor_sparse_storage(indptr, indices, data, m.shape, "csr", "X")
     assert storage.values.data_ptr() == data.data_ptr()  # zero copy
     assert storage.nbytes == data.nbytes + storage.indices.nbytes + storage.indptr.nbytes
     assert storage.indices.data_ptr() != indices.data_ptr() and storage.indptr.data_ptr() != indptr.data_ptr()
@@ -148,7 +151,7 @@ def test_csr_values_are_used_in_place_and_structure_is_copied():
 def test_csc_is_converted_into_storage_of_its_own():
     m = _csr(seed=8)
     indptr, indices, data = _parts(m, "csc")
-    storage = ds._tensor_sparse_storage(indptr, indices, data, m.shape, "csc", "X")
+    storage = tensor_sources._tensor_sparse_storage(indptr, indices, data, m.shape, "csc", "X")
     for own in (storage.indptr, storage.indices, storage.values):
         assert own.data_ptr() not in (indptr.data_ptr(), indices.data_ptr(), data.data_ptr())
     rows = np.arange(m.shape[0])
@@ -163,7 +166,7 @@ def test_trailing_unused_entries_are_ignored():
     indptr, indices, data = _parts(m)
     padded_indices = torch.cat([indices, torch.tensor([999, -1], dtype=indices.dtype)])
     padded_data = torch.cat([data, torch.tensor([np.nan, np.nan], dtype=data.dtype)])
-    storage = ds._tensor_sparse_storage(indptr, padded_indices, padded_data, m.shape, "csr", "X")
+    storage = tensor_sources._tensor_sparse_storage(indptr, padded_indices, padded_data, m.shape, "csr", "X")
     assert storage.nnz == m.nnz and storage.values.data_ptr() == padded_data.data_ptr()
     rows = _all_rows(m.shape[0])
     assert torch.equal(_gather(storage, rows), _expected(m, rows))
@@ -199,7 +202,7 @@ def test_other_value_dtypes_are_stored_exactly(dtype, stored):
     m.data = m.data % 100 + 1  # small positive counts: exact in every dtype
     indptr, indices, data = _parts(m)
     values = data.to(torch.int64).to(dtype)
-    storage = ds._tensor_sparse_storage(indptr, indices, values, m.shape, "csr", "X")
+    storage = tensor_sources._tensor_sparse_storage(indptr, indices, values, m.shape, "csr", "X")
     assert storage.values.dtype == stored
     rows = _all_rows(m.shape[0])
     assert torch.equal(_gather(storage, rows), _expected(m.astype(bool) if dtype == torch.bool else m, rows))
@@ -211,13 +214,13 @@ def test_odd_index_dtypes_are_read_exactly():
     for index_dtype in (torch.int16, torch.uint16, torch.uint32, torch.uint8):
         if index_dtype == torch.uint8 and m.shape[1] > 255:
             continue
-        storage = ds._tensor_sparse_storage(indptr.to(torch.int64).to(torch.uint32), indices.to(index_dtype),
+        storage = tensor_sources._tensor_sparse_storage(indptr.to(torch.int64).to(torch.uint32), indices.to(index_dtype),
                                             data, m.shape, "csr", "X")
         rows = _all_rows(m.shape[0])
         assert torch.equal(_gather(storage, rows), _expected(m, rows))
     # Row indices in an odd dtype (CSC): converted to int64 before the conversion to CSR.
     indptr, indices, data = _parts(m, "csc")
-    storage = ds._tensor_sparse_storage(indptr, indices.to(torch.uint16), data, m.shape, "csc", "X")
+    storage = tensor_sources._tensor_sparse_storage(indptr, indices.to(torch.uint16), data, m.shape, "csc", "X")
     assert torch.equal(_gather(storage, np.arange(m.shape[0])), _expected(m, np.arange(m.shape[0])))
 
 
@@ -276,17 +279,17 @@ def test_corrupt_structure_is_refused_as_the_scipy_path_refuses_it(case, scan_bl
     indptr, indices, data, shape = _corrupt(case)
     tensors = [torch.from_numpy(a) for a in (indptr, indices, data)]
     with pytest.raises(ValueError, match=_CASES[case]) as got:
-        ds._tensor_sparse_storage(*tensors, shape, "csr", "registry key 'X'")
+        tensor_sources._tensor_sparse_storage(*tensors, shape, "csr", "registry key 'X'")
     with pytest.raises(ValueError) as reference:
-        ds._check_compressed(indptr, indices, shape[0], shape[1], "registry key 'X'", "csr")
+        host_sources._check_compressed(indptr, indices, shape[0], shape[1], "registry key 'X'", "csr")
     assert str(got.value) == str(reference.value)
     with pytest.raises(ValueError, match=_CASES[case].replace("column", "row")):
-        ds.check_sparse_tensors(*tensors, shape[::-1], "csc", "registry key 'X'")
+        tensor_sources.check_sparse_tensors(*tensors, shape[::-1], "csc", "registry key 'X'")
 
 
 def test_valid_reference_case_is_accepted(scan_block):
     indptr, indices, data, shape = _corrupt("valid")
-    storage = ds._tensor_sparse_storage(*(torch.from_numpy(a) for a in (indptr, indices, data)), shape, "csr", "X")
+    storage = tensor_sources._tensor_sparse_storage(*(torch.from_numpy(a) for a in (indptr, indices, data)), shape, "csr", "X")
     m = sp.csr_matrix((data, indices, indptr), shape=shape)
     assert torch.equal(_gather(storage, [3, 1, 0, 2]), _expected(m, [3, 1, 0, 2]))
 
@@ -295,15 +298,15 @@ def test_too_few_values_and_bad_dtypes_are_refused():
     indptr, indices, data, shape = _corrupt("valid")
     t_indptr, t_indices = torch.from_numpy(indptr), torch.from_numpy(indices)
     with pytest.raises(ValueError, match=r"has 5 stored values \(shape \(5,\)\) for nnz=6 indices; the matrix is corrupt"):
-        ds._tensor_sparse_storage(t_indptr, t_indices, torch.from_numpy(data[:5]), shape, "csr", "X")
+        tensor_sources._tensor_sparse_storage(t_indptr, t_indices, torch.from_numpy(data[:5]), shape, "csr", "X")
     with pytest.raises(ValueError, match="stored values"):
-        ds._tensor_sparse_storage(t_indptr, t_indices, torch.from_numpy(data).reshape(2, 3), shape, "csr", "X")
+        tensor_sources._tensor_sparse_storage(t_indptr, t_indices, torch.from_numpy(data).reshape(2, 3), shape, "csr", "X")
     with pytest.raises(ValueError, match="X has dtype complex64; expected a real numeric"):
-        ds._tensor_sparse_storage(t_indptr, t_indices, torch.from_numpy(data).to(torch.complex64), shape, "csr", "X")
+        tensor_sources._tensor_sparse_storage(t_indptr, t_indices, torch.from_numpy(data).to(torch.complex64), shape, "csr", "X")
     with pytest.raises(TypeError, match="COO sparse matrix; only CSR and CSC"):
-        ds._tensor_sparse_storage(t_indptr, t_indices, torch.from_numpy(data), shape, "coo", "X")
+        tensor_sources._tensor_sparse_storage(t_indptr, t_indices, torch.from_numpy(data), shape, "coo", "X")
     with pytest.raises(ValueError, match="uint64 values above"):
-        ds._tensor_sparse_storage(t_indptr, t_indices, torch.full((6,), 2**63 + 5, dtype=torch.uint64), shape,
+        tensor_sources._tensor_sparse_storage(t_indptr, t_indices, torch.full((6,), 2**63 + 5, dtype=torch.uint64), shape,
                                   "csr", "X")
 
 
@@ -341,7 +344,7 @@ def test_build_storage_takes_torch_tensors():
         build_storage(torch.zeros(40, 2, device="meta"), "X", 40)
     with pytest.raises(ValueError, match="different devices"):
         indptr, indices, data = _parts(m)
-        ds._tensor_sparse_storage(indptr, indices, data.to("meta"), m.shape, "csr", "X")
+        tensor_sources._tensor_sparse_storage(indptr, indices, data.to("meta"), m.shape, "csr", "X")
 
 
 def test_a_replaced_cache_source_is_not_kept_alive():
@@ -406,15 +409,15 @@ def test_gpu_data_refuses_cpu_device_and_host_residencies():
 
 def test_gpu_storage_serves_its_own_gpu_and_is_never_pinned():
     on_gpu = SimpleNamespace(device=torch.device("cuda", 1))
-    assert ds._serves_as_is(on_gpu, torch.device("cuda", 1), False)
-    assert not ds._serves_as_is(on_gpu, torch.device("cuda", 0), False)  # another GPU: a copy
-    assert not ds._serves_as_is(on_gpu, torch.device("cpu"), False)
+    assert storage_module._serves_as_is(on_gpu, torch.device("cuda", 1), False)
+    assert not storage_module._serves_as_is(on_gpu, torch.device("cuda", 0), False)  # another GPU: a copy
+    assert not storage_module._serves_as_is(on_gpu, torch.device("cpu"), False)
     with pytest.raises(ValueError, match="already in GPU memory.*residency='device'"):
-        ds._serves_as_is(on_gpu, torch.device("cuda", 1), True)
+        storage_module._serves_as_is(on_gpu, torch.device("cuda", 1), True)
     on_host = SimpleNamespace(device=torch.device("cpu"))
-    assert ds._serves_as_is(on_host, torch.device("cpu"), False)
-    assert not ds._serves_as_is(on_host, torch.device("cpu"), True)
-    assert not ds._serves_as_is(on_host, torch.device("cuda", 0), False)
+    assert storage_module._serves_as_is(on_host, torch.device("cpu"), False)
+    assert not storage_module._serves_as_is(on_host, torch.device("cpu"), True)
+    assert not storage_module._serves_as_is(on_host, torch.device("cuda", 0), False)
 
 
 # --- the CuPy dispatch, with a stand-in CuPy over host memory ---------------------------------------
@@ -446,7 +449,7 @@ def stand_in_cupy(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setitem(sys.modules, "cupyx.scipy.sparse", sparse)
     # On a GPU, torch.as_tensor wraps the CuPy memory; here torch.from_numpy wraps the host memory.
-    monkeypatch.setattr(ds, "cupy_to_torch", lambda a: torch.from_numpy(a.host))
+    monkeypatch.setattr(tensor_sources, "cupy_to_torch", lambda a: torch.from_numpy(a.host))
 
 
 def test_cupy_dispatch(stand_in_cupy):

@@ -223,7 +223,7 @@ def test_interleaved_iterators_and_threads_see_correct_batches(load_sparse_tenso
 def test_prepared_structure_is_not_shared_with_the_users_matrix():
     import scipy.sparse as sp
 
-    from annloader_gpu.dataset import build_storage
+    from annloader_gpu.sources import build_storage
 
     for n_cols in (30, 70_000):  # compact uint16 indices, and int32 indices kept as they are
         m = sp.random(20, n_cols, density=0.01, format="csr", random_state=0, dtype=np.float32)

@@ -149,12 +149,24 @@ class BufferPool:
 # Fields
 
 
+_sparse_beta_warning_passed = False
+
+
 @contextlib.contextmanager
 def _quiet_sparse_constructors():
-    """torch warns that sparse CSR/CSC support is in beta on first use; scvi-tools users see it too."""
+    """torch warns that sparse CSR/CSC support is in beta on first use; scvi-tools users see it too.
+
+    The warning is issued once per process (TORCH_WARN_ONCE), so only the first construction
+    needs catching; later ones skip catch_warnings' ~10 us per batch.
+    """
+    global _sparse_beta_warning_passed
+    if _sparse_beta_warning_passed:
+        yield
+        return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*support is in beta.*")
         yield
+    _sparse_beta_warning_passed = True
 
 
 class Field:

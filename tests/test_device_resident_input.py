@@ -28,7 +28,8 @@ from annloader_gpu import host_sources, tensor_sources
 from annloader_gpu import storage as storage_module
 from annloader_gpu.dataset import Field
 from annloader_gpu.sources import build_storage
-from annloader_gpu.loader import AnnDataLoader, resolve_residency
+from annloader_gpu.loader import AnnDataLoader
+from annloader_gpu.residency import resolve_residency
 from annloader_gpu.registry import _validated_matrix, setup_anndata
 from conftest import GPU_USABLE, dense_rows_reference, random_csr
 

@@ -507,7 +507,7 @@ def test_cpu_is_the_default_without_gpu():
 def test_fast_shuffle_order_equals_random_sampler(seeded_generator):
     from torch.utils.data import RandomSampler
 
-    from annloader_gpu.loader import _random_sampler_order
+    from annloader_gpu.batch_iterator import _random_sampler_order
 
     def make():
         return RandomSampler(range(50), generator=torch.Generator().manual_seed(3) if seeded_generator else None)

@@ -262,7 +262,7 @@ class _PlacementProbe:
     ({"device", "pinned"}, (None, "host")),
 ])
 def test_auto_placement_falls_back_device_pinned_host(failing, expected):
-    from annloader_gpu.loader import place
+    from annloader_gpu.residency import place
 
     probe = _PlacementProbe(failing)
     placed, residency = place(probe, torch.device("cuda", 0), "device", "auto")
@@ -273,7 +273,7 @@ def test_auto_placement_falls_back_device_pinned_host(failing, expected):
 
 @pytest.mark.parametrize("residency", ["device", "pinned"])
 def test_explicit_placement_failure_names_the_bytes_and_what_to_try(residency):
-    from annloader_gpu.loader import place
+    from annloader_gpu.residency import place
 
     probe = _PlacementProbe({"device", "pinned"})
     with pytest.raises(RuntimeError, match=f"could not place 12345 bytes with residency='{residency}'") as info:

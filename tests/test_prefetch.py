@@ -15,7 +15,7 @@ import torch
 
 import annloader_gpu
 from annloader_gpu import AnnDataLoader
-from annloader_gpu import loader as loader_module
+from annloader_gpu import batch_iterator as loader_module
 from annloader_gpu.registry import setup_anndata
 from test_loader import assert_batches_equal, make_adata
 

@@ -31,11 +31,13 @@ Under ``torchrun`` every process (rank) builds its own loader. Two layouts are o
     large-scale loaders (WebDataset, Mosaic streaming without global shuffle); for small data
     sets, or models with per-rank batch statistics, prefer the replicated layout.
 
-    No re-partitioning between epochs: moving rows between ranks would need either every rank to
-    keep (or re-read) the whole matrix on the host, or an all-to-all exchange of ragged CSR rows
-    between devices followed by rebuilding each rank's compact storage — the host round trip, or
-    a device-side equivalent of it, that sharding is there to avoid. The partition depends only
-    on ``seed``; pass a different ``seed`` to a new run for a different partition.
+    Re-partitioning (``repartition_every=k``): every ``k`` epochs the ranks move to the partition
+    of round ``epoch // k`` (seeded by ``(seed, round)``), exchanging the rows that change hands
+    device to device with one all-to-all per array (NCCL between GPUs, gloo on the CPU;
+    :mod:`annloader_gpu.repartition`). No host copy of the data is made: only row ids and counts
+    cross the host. Over a run, rows then meet rows of every other partition, which removes the
+    fixed-partition caveat above at the cost of one exchange of about the whole data set every
+    ``k`` epochs (and, during it, room for about three partitions per rank).
 
 Batches per epoch are equal on every rank in both layouts (a mismatch would hang DDP's
 all-reduce); :func:`distributed_loader` checks this across the process group when one is
@@ -154,19 +156,26 @@ def init_distributed(backend: str | None = None, device: Any = None, **kwargs) -
 # Sharded sampling
 
 
-def partition_positions(n: int, num_replicas: int, rank: int, seed: int = 0) -> np.ndarray:
-    """Positions (sorted int64) of rank ``rank``'s share of ``n`` rows.
+def partition_positions(n: int, num_replicas: int, rank: int, seed: int = 0, round_: int = 0) -> np.ndarray:
+    """Positions (sorted int64) of rank ``rank``'s share of ``n`` rows in partition round ``round_``.
 
-    One permutation of ``range(n)``, seeded by ``seed`` only (so every rank computes the same
-    one without communicating), dealt round-robin: ranks below ``n % num_replicas`` get
+    One permutation of ``range(n)``, seeded by ``seed`` and the round only (so every rank computes
+    the same one without communicating), dealt round-robin: ranks below ``n % num_replicas`` get
     ``ceil(n / num_replicas)`` rows, the others ``floor``. The partitions are disjoint and
     cover all rows.
     """
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x5A4D])))
+    rng = np.random.Generator(np.random.PCG64(partition_seed_sequence(seed, round_)))
     perm = rng.permutation(n).astype(np.int64)
     return np.sort(perm[rank::num_replicas])
+
+
+def partition_seed_sequence(seed: int, round_: int = 0) -> np.random.SeedSequence:
+    """The seed of the partition permutation: ``seed`` alone for round 0 (the set-up partition),
+    ``(seed, round)`` for a re-partition round."""
+    words = [int(seed), 0x5A4D] if int(round_) == 0 else [int(seed), 0x5A4D, int(round_)]
+    return np.random.SeedSequence(words)
 
 
 class ShardedBatchSampler(Sampler[np.ndarray]):
@@ -317,7 +326,13 @@ class ShardedAnnDataLoader(AnnDataLoader):
     """
 
     def __init__(self, adata_manager: Any, sharded_sampler: ShardedBatchSampler, *,
-                 partition: np.ndarray | None = None, **kwargs) -> None:
+                 partition: np.ndarray | None = None, held_positions: np.ndarray | None = None,
+                 all_rows: np.ndarray | None = None, repartition_every: int | None = None, **kwargs) -> None:
+        if repartition_every is not None and (not isinstance(repartition_every, (int, np.integer))
+                                              or isinstance(repartition_every, bool) or repartition_every < 1):
+            raise ValueError(f"repartition_every must be a positive number of epochs or None, got {repartition_every!r}")
+        if repartition_every is not None and (held_positions is None or all_rows is None):
+            raise ValueError("repartition_every needs held_positions and all_rows (use distributed_loader)")
         if len(adata_manager.adata) != sharded_sampler.partition_size:
             raise ValueError(
                 f"the registry has {len(adata_manager.adata)} rows but the sampler's partition "
@@ -325,6 +340,11 @@ class ShardedAnnDataLoader(AnnDataLoader):
             )
         self._sharded_sampler = sharded_sampler
         self.partition = partition
+        self.partition_round = 0
+        self.repartition_every = None if repartition_every is None else int(repartition_every)
+        self._held_positions = held_positions  # positions into all_rows, in storage order
+        self._all_rows = all_rows  # the sharded index space: normalised indices of the whole data
+        self._base_registry = getattr(adata_manager, "_base", None)
         kwargs.update(distributed_sampler=True, num_replicas=1, rank=0)
         kwargs.setdefault("seed", sharded_sampler.seed)
         kwargs.setdefault("shuffle", sharded_sampler.shuffle)
@@ -346,8 +366,48 @@ class ShardedAnnDataLoader(AnnDataLoader):
         return self._sharded_sampler
 
     def set_epoch(self, epoch: int) -> None:
+        """Reshuffles for ``epoch``; with ``repartition_every=k``, first moves to partition round
+        ``epoch // k`` (a collective: every rank calls set_epoch with the same epoch)."""
+        if self.repartition_every is not None:
+            round_ = int(epoch) // self.repartition_every
+            if round_ != self.partition_round:
+                self.repartition(round_)
         self.sampler.set_epoch(epoch)
         self._sharded_sampler.set_epoch(epoch)
+
+    def repartition(self, round_: int) -> None:
+        """Moves this rank to partition round ``round_`` (:func:`partition_positions` with it),
+        exchanging rows with the other ranks device to device (:mod:`annloader_gpu.repartition`:
+        all-to-all over NCCL on GPUs, gloo on the CPU; no host copy of the data). Collective:
+        every rank of the default process group calls it with the same round, between epochs."""
+        from .dataset import PreparedData
+        from .repartition import exchange_partition, owners
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("repartition() exchanges rows between ranks: initialise the process group first")
+        if self._held_positions is None or self._all_rows is None or self._base_registry is None:
+            raise RuntimeError("this loader was not built by distributed_loader(residency='sharded')")
+        sampler = self._sharded_sampler
+        if dist.get_world_size() != sampler.num_replicas or dist.get_rank() != sampler.rank:
+            raise RuntimeError(
+                f"the process group (rank {dist.get_rank()} of {dist.get_world_size()}) is not the one the loader "
+                f"was built for (rank {sampler.rank} of {sampler.num_replicas})"
+            )
+        backend = dist.get_backend()
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        if (backend == "nccl") != (device.type == "cuda"):
+            raise RuntimeError(
+                f"the process group's backend is {backend} but the data lives on {device}: use nccl for GPU data, "
+                "gloo for host data"
+            )
+        new_owner = owners(len(self._all_rows), sampler.num_replicas, sampler.seed, int(round_))
+        fields, held = exchange_partition(self.dataset.data, self._held_positions, new_owner, self._all_rows, device)
+        partition = self._all_rows[held]
+        old = self.dataset.data
+        registry = RowSubsetRegistry(self._base_registry, partition)
+        self.dataset.data = PreparedData(registry, load_sparse_tensor=old.load_sparse_tensor, _fields=fields,
+                                         _n_obs=len(partition))
+        self.partition, self._held_positions, self.partition_round = partition, held, int(round_)
 
 
 def _check_batches_agree(n_batches: int, n_total: int, batch_size: int, seed: int, device: torch.device) -> None:
@@ -383,6 +443,7 @@ def distributed_loader(
     rank: int | None = None,
     seed: int = 0,
     check: bool = True,
+    repartition_every: int | None = None,
     **kwargs,
 ):
     """This rank's :class:`~annloader_gpu.AnnDataLoader` for DDP.
@@ -396,6 +457,12 @@ def distributed_loader(
     its partition (:func:`partition_positions` of ``indices``), placed in device memory on a GPU
     (host memory on the CPU). See the module docstring for what sharding changes statistically.
 
+    ``repartition_every=k`` (sharded only): ``loader.set_epoch(e)`` moves the ranks to partition
+    round ``e // k``, exchanging rows device to device (see :meth:`ShardedAnnDataLoader.repartition`),
+    so over a run every row meets every other in some rank's partition. Lightning calls the
+    sampler's ``set_epoch``, not the loader's: call ``loader.set_epoch(trainer.current_epoch)``
+    from a callback's ``on_train_epoch_start`` there.
+
     With ``check=True`` and an initialised process group the ranks compare their batch counts
     (one small all_gather) and raise instead of hanging later. ``kwargs`` go to the loader
     (``data_and_attributes``, ``load_sparse_tensor``, DataLoader options).
@@ -405,6 +472,8 @@ def distributed_loader(
     dev = local_device(device)
     world, this, _local = world_info(num_replicas, rank)
     n_obs = int(adata_manager.adata.shape[0])
+    if repartition_every is not None and residency != SHARDED:
+        raise ValueError("repartition_every applies to residency='sharded' only (replicated ranks hold every row)")
     if residency != SHARDED:
         loader = AnnDataLoader(
             adata_manager, indices, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
@@ -418,15 +487,15 @@ def distributed_loader(
         positions = partition_positions(n_total, world, this, seed)
         partition = rows[positions]
         order = np.argsort(partition, kind="stable")  # sorted rows: sequential host reads
-        partition = partition[order]
+        partition, positions = partition[order], positions[order]
         sharded = ShardedBatchSampler(
             len(partition), n_total, batch_size, drop_last, drop_dataset_tail,
             num_replicas=world, rank=this, shuffle=shuffle, seed=seed,
         )
         inner_residency = "device" if dev.type == "cuda" else "auto"
         loader = ShardedAnnDataLoader(
-            RowSubsetRegistry(adata_manager, partition), sharded, partition=partition,
-            device=dev, residency=inner_residency, **kwargs,
+            RowSubsetRegistry(adata_manager, partition), sharded, partition=partition, held_positions=positions,
+            all_rows=rows, repartition_every=repartition_every, device=dev, residency=inner_residency, **kwargs,
         )
     if check:
         _check_batches_agree(len(loader), n_total, batch_size, seed, dev)

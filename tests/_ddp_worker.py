@@ -158,10 +158,38 @@ def run_lightning(args, world: int, rank: int) -> dict:
     return out
 
 
+def run_repartition(args, world: int, rank: int) -> dict:
+    """Sharded loaders re-partitioned every 2 epochs (dense and sparse X): per round, the ids this
+    rank holds and yields, with X and batch checked against the original rows, and the bytes held."""
+    adata, registry, keys = make_data(args.n_obs)
+    batch_codes = np.asarray(registry.get_from_registry("batch")).reshape(-1)
+    out = {"configs": []}
+    for sparse in (False, True):
+        loader = distributed_loader(registry, batch_size=args.batch_size, residency="sharded", seed=args.seed,
+                                    repartition_every=2, data_and_attributes=keys, load_sparse_tensor=sparse)
+        rec = {"sparse": sparse, "rounds": [], "x_ok": True}
+        for epoch in range(5):
+            loader.set_epoch(epoch)
+            seen = []
+            for batch in loader:
+                ids = batch["ids"].reshape(-1).numpy()
+                x = batch["X"].to_dense() if sparse else batch["X"]
+                if not torch.equal(x, torch.from_numpy(adata.X[ids].toarray())) or not np.array_equal(
+                        batch["batch"].reshape(-1).numpy(), batch_codes[ids]):
+                    rec["x_ok"] = False
+                seen.append(ids)
+            rec["rounds"].append({"epoch": epoch, "round": loader.partition_round,
+                                  "held": loader.partition.tolist(),
+                                  "yielded": np.concatenate(seen).tolist(),
+                                  "resident_bytes": loader.resident_bytes})
+        out["configs"].append(rec)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--mode", choices=("loader", "lightning"), default="loader")
+    parser.add_argument("--mode", choices=("loader", "lightning", "repartition"), default="loader")
     parser.add_argument("--n-obs", type=int, default=1001)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
@@ -173,11 +201,11 @@ def main() -> int:
     env_world, env_rank, _ = world_info()
     result: dict = {"rank": env_rank, "local_device": str(local_device())}
     try:
-        if args.mode == "loader":
+        if args.mode in ("loader", "repartition"):
             init_distributed()  # gloo on the CPU, nccl on GPUs
             world, rank, local = world_info()
             result.update(world=world, rank=rank, local_rank=local, backend=dist.get_backend())
-            result.update(run_loader(args, world, rank))
+            result.update((run_loader if args.mode == "loader" else run_repartition)(args, world, rank))
             dist.barrier()
             dist.destroy_process_group()
         else:

@@ -263,3 +263,81 @@ def test_distributed_sampler_loader_uses_local_rank_gpu(monkeypatch):
     loader = AnnDataLoader(setup_anndata(make_adata("csr")), distributed_sampler=True, num_replicas=2, rank=1)
     assert loader.device == torch.device("cuda", 1)
     assert next(iter(loader))["X"].device == torch.device("cuda", 1)
+
+
+
+# --- re-partitioning sharded residency ---------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_sharded_repartition_moves_rows_between_ranks(tmp_path, nproc):
+    """Every 2 epochs the ranks exchange rows (all-to-all over gloo here, NCCL on GPUs): each
+    round every rank holds exactly partition_positions(..., round) and yields only those rows,
+    with the right data, and the rounds together cover each row exactly once per round."""
+    results = _launch(tmp_path, nproc, "repartition")
+    for c in range(2):
+        configs = [r["configs"][c] for r in results]
+        assert all(cfg["x_ok"] for cfg in configs)
+        for e in range(5):
+            rounds = [cfg["rounds"][e] for cfg in configs]
+            assert all(rd["round"] == e // 2 for rd in rounds)
+            held = [np.array(rd["held"]) for rd in rounds]
+            for rank, h in enumerate(held):
+                np.testing.assert_array_equal(h, partition_positions(N_OBS, nproc, rank, SEED, e // 2))
+                assert set(rounds[rank]["yielded"]) <= set(h.tolist())
+            assert sorted(np.concatenate(held).tolist()) == list(range(N_OBS))
+        # Round 1 really differs from round 0, and storage stays about 1/world of the data.
+        assert not np.array_equal(configs[0]["rounds"][0]["held"], configs[0]["rounds"][2]["held"])
+        sizes = [cfg["rounds"][4]["resident_bytes"] for cfg in configs]
+        assert max(sizes) < 1.5 * min(sizes)
+
+
+def test_partition_rounds_and_owners_agree():
+    from annloader_gpu.repartition import owners
+
+    for world, seed in ((2, 0), (3, 11), (5, 4)):
+        for round_ in (0, 1, 7):
+            owner = owners(101, world, seed, round_)
+            for rank in range(world):
+                np.testing.assert_array_equal(np.flatnonzero(owner == rank),
+                                              partition_positions(101, world, rank, seed, round_))
+    assert not np.array_equal(partition_positions(101, 2, 0, 0, 0), partition_positions(101, 2, 0, 0, 1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.uint8, np.int64])
+def test_csr_rows_gathers_ragged_rows_in_order(dtype):
+    import scipy.sparse as sp
+
+    from annloader_gpu.repartition import _csr_rows
+
+    m = sp.random(40, 30, density=0.2, format="csr", random_state=2, dtype=np.float64)
+    m.data = np.random.default_rng(2).integers(1, 200, m.nnz).astype(np.float64)
+    m.data[m.indptr[5]:m.indptr[6]] = 0  # an empty row
+    m.eliminate_zeros()
+    rows = np.array([5, 3, 39, 3, 0])
+    lengths, indices, values = _csr_rows(torch.from_numpy(m.indptr), torch.from_numpy(m.indices.astype(np.uint16)),
+                                         torch.from_numpy(m.data.astype(dtype)), torch.from_numpy(rows))
+    expected = m[rows]
+    np.testing.assert_array_equal(lengths.numpy(), np.diff(expected.indptr))
+    np.testing.assert_array_equal(indices.numpy(), expected.indices)
+    np.testing.assert_array_equal(values.numpy(), expected.data.astype(dtype))
+
+
+def test_repartition_arguments_are_checked():
+    from annloader_gpu.distributed import distributed_loader
+    from annloader_gpu.registry import setup_anndata
+    from test_loader import make_adata
+
+    registry = setup_anndata(make_adata("csr"))
+    with pytest.raises(ValueError, match="repartition_every applies to residency='sharded'"):
+        distributed_loader(registry, residency="auto", repartition_every=2, num_replicas=2, rank=0, device="cpu")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="repartition_every must be a positive"):
+            distributed_loader(registry, residency="sharded", repartition_every=bad, num_replicas=2, rank=0,
+                               device="cpu")
+    loader = distributed_loader(registry, residency="sharded", repartition_every=1, num_replicas=2, rank=1,
+                                device="cpu")
+    loader.set_epoch(0)  # round 0: nothing to exchange, no process group needed
+    with pytest.raises(RuntimeError, match="initialise the process group"):
+        loader.set_epoch(1)

@@ -8,7 +8,9 @@ gloo on the CPU):
 
 Each rank builds its loader with ``distributed_sampler=True`` (through
 :func:`annloader_gpu.distributed.distributed_loader`, which also picks ``cuda:LOCAL_RANK``);
-``--sharded`` makes each rank hold only its 1/world partition of the rows. Rank 0 prints the
+``--sharded`` makes each rank hold only its 1/world partition of the rows, and
+``--repartition-every N`` moves the ranks to a new partition every N epochs (rows exchanged
+device to device). Rank 0 prints the
 per-epoch loss (averaged over all ranks' batches) and throughput.
 """
 
@@ -69,6 +71,8 @@ def main() -> None:
     parser.add_argument("--genes-per-cell", type=float, default=300)
     parser.add_argument("--h5ad", default=None, help="train on this file instead of synthetic counts")
     parser.add_argument("--sharded", action="store_true", help="each rank holds only its partition of the rows")
+    parser.add_argument("--repartition-every", type=int, default=None,
+                        help="with --sharded: move to a new partition every N epochs (rows exchanged device to device)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -86,7 +90,7 @@ def main() -> None:
     loader = distributed_loader(
         registry, batch_size=args.batch_size, shuffle=True, drop_last=True,
         residency="sharded" if args.sharded else "auto", device=device, seed=args.seed,
-        data_and_attributes=["X"],
+        data_and_attributes=["X"], **({"repartition_every": args.repartition_every} if args.sharded else {}),
     )
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = LinearVAE(adata.n_vars, args.latent).to(device)
@@ -98,7 +102,9 @@ def main() -> None:
               flush=True)
 
     for epoch in range(args.epochs):
-        loader.sampler.set_epoch(epoch)
+        # The sharded loader's set_epoch also re-partitions (every rank calls it); the replicated
+        # loader reshuffles through its sampler.
+        (loader if args.sharded else loader.sampler).set_epoch(epoch)
         total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches
         cells = 0
         start = time.perf_counter()

@@ -21,3 +21,7 @@ timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider "$REPO/tests" 2>&1 |
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 99 \
   python3 "$REPO/benchmarks/device_check.py" --sanitize-case 2>&1 | tail -30 | tee "$OUT/memcheck.log"
 timeout 240 python3 "$REPO/benchmarks/device_check.py" --out "$OUT" 2>&1 | tee "$OUT/device_check.log"
+# Sharded residency with a re-partition every epoch on one GPU (NCCL, world 1): the CUDA-tensor
+# exchange path end to end (all-to-all over NCCL, uint16 views, ragged CSR rows).
+timeout 90 python3 -m torch.distributed.run --standalone --nproc_per_node=1 "$REPO/examples/train_ddp.py" \
+  --sharded --repartition-every 1 --epochs 3 --n-obs 20000 --n-vars 2000 2>&1 | tail -8 | tee "$OUT/ddp_repartition.log"

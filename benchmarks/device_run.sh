@@ -16,12 +16,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 # Import the installed package, not the source tree (which has no compiled modules).
 cd /tmp || exit 1
 python3 -c "import annloader_gpu, json; print(json.dumps(annloader_gpu.build_info()))" | tee "$OUT/build_info.json"
-timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider "$REPO/tests" 2>&1 | tail -40 | tee "$OUT/pytest_gpu.log"
+# In order of importance: each step writes its own file, so a run cut short keeps what it did.
+timeout 200 python3 "$REPO/benchmarks/device_check.py" --out "$OUT" 2>&1 | tee "$OUT/device_check.log"
+# The whole pytest log comes back (files up to 16 MiB); the reply shows its end.
+timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE "$REPO/tests" > "$OUT/pytest_gpu.log" 2>&1
+tail -25 "$OUT/pytest_gpu.log"
 # Without the caching allocator every tensor is its own allocation, so an overrun past one is seen.
-PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 99 \
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 99 \
   python3 "$REPO/benchmarks/device_check.py" --sanitize-case 2>&1 | tail -30 | tee "$OUT/memcheck.log"
-timeout 240 python3 "$REPO/benchmarks/device_check.py" --out "$OUT" 2>&1 | tee "$OUT/device_check.log"
 # Sharded residency with a re-partition every epoch on one GPU (NCCL, world 1): the CUDA-tensor
 # exchange path end to end (all-to-all over NCCL, uint16 views, ragged CSR rows).
-timeout 90 python3 -m torch.distributed.run --standalone --nproc_per_node=1 "$REPO/examples/train_ddp.py" \
+timeout 60 python3 -m torch.distributed.run --standalone --nproc_per_node=1 "$REPO/examples/train_ddp.py" \
   --sharded --repartition-every 1 --epochs 3 --n-obs 20000 --n-vars 2000 2>&1 | tail -8 | tee "$OUT/ddp_repartition.log"

@@ -266,11 +266,9 @@ def storage_formats(matrix) -> list[dict]:
 def auto_residency(resident_bytes: int | None, device: str) -> dict:
     """Which residency ``auto`` chooses on ``device``, decided by the loader's own function
     (``annloader_gpu.residency.resolve_residency``)."""
+    from .residency import DEVICE_MEMORY_BUDGET, resolve_residency
+
     dev = torch.device(device)
-    try:
-        from .residency import DEVICE_MEMORY_BUDGET, resolve_residency
-    except ImportError as exc:
-        return {"choice": None, "how": f"annloader_gpu.residency is not importable ({exc})"}
     how = "annloader_gpu.residency.resolve_residency"
     if dev.type == "cuda":
         how += f" (device when it fits {DEVICE_MEMORY_BUDGET:.0%} of free GPU memory)"

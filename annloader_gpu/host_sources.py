@@ -15,10 +15,7 @@ import numpy as np
 from . import kernels
 from .storage import CsrStorage, DenseStorage, HostFallbackStorage
 
-try:  # lossless compact storage (see annloader_gpu.compact)
-    from .compact import compact_index_dtype, compact_indptr_dtype, compact_value_dtype
-except ImportError:  # pragma: no cover - compact.py is part of the package
-    compact_index_dtype = compact_indptr_dtype = compact_value_dtype = None
+from .compact import compact_index_dtype, compact_indptr_dtype, compact_value_dtype
 
 _KERNEL_VALUE_DTYPES = frozenset(np.dtype(n) for n in kernels.VALUE_DTYPES)
 # Validation scans big index arrays in blocks so it never allocates a full-size temporary.
@@ -49,22 +46,21 @@ def _has_negative_zero(values: np.ndarray) -> bool:
 
 
 def _storable(values: np.ndarray, *, keep_negative_zero: bool = False) -> np.ndarray:
-    """values in a lossless dtype the kernels read (compact when annloader_gpu.compact is there).
+    """values in a lossless dtype the kernels read, as compact as is exact (annloader_gpu.compact).
 
     keep_negative_zero: dense sources keep the sign of -0.0 (scvi-tools' batches are slices of
     them). Sparse ones need not: scipy's toarray() adds stored values onto zeros, so an explicit
     -0.0 comes out of scvi-tools' dense batches as +0.0, as it does from integer storage.
     """
-    if compact_value_dtype is not None:
-        try:
-            target = compact_value_dtype(values)
-        except TypeError:
-            target = None
-        if (keep_negative_zero and target is not None and target.kind in "ui" and values.dtype.kind == "f"
-                and _has_negative_zero(values)):
-            target = None  # an integer dtype would turn -0.0 into +0.0 (its sign shows in 1/x, copysign)
-        if target is not None and target in _KERNEL_VALUE_DTYPES:
-            return values.astype(target, copy=False)
+    try:
+        target = compact_value_dtype(values)
+    except TypeError:
+        target = None
+    if (keep_negative_zero and target is not None and target.kind in "ui" and values.dtype.kind == "f"
+            and _has_negative_zero(values)):
+        target = None  # an integer dtype would turn -0.0 into +0.0 (its sign shows in 1/x, copysign)
+    if target is not None and target in _KERNEL_VALUE_DTYPES:
+        return values.astype(target, copy=False)
     if values.dtype in _KERNEL_VALUE_DTYPES:
         return values
     widen = {"b": np.uint8, "i": np.int64}.get(values.dtype.kind)
@@ -147,9 +143,8 @@ def _sparse_storage(matrix: Any, where: str) -> CsrStorage | HostFallbackStorage
         indices = indices.astype(np.int64)
     if fmt == "csc":
         indptr, indices, data = kernels.csc_to_csr(indptr, indices, data, (n_rows, n_cols))
-    if compact_index_dtype is not None:
-        indices = indices.astype(compact_index_dtype(n_cols), copy=False)
-        indptr = indptr.astype(compact_indptr_dtype(nnz), copy=False)
+    indices = indices.astype(compact_index_dtype(n_cols), copy=False)
+    indptr = indptr.astype(compact_indptr_dtype(nnz), copy=False)
     # The structure is never shared with the user's matrix: an in-place edit of it (say
     # eliminate_zeros()) after set-up must not turn validated row bounds into wild reads. indptr
     # is small; indices are copied only where no compact conversion already made them ours.

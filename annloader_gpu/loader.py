@@ -19,6 +19,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, S
 
 from .batch_iterator import BatchIterator, identity_collate, new_stream
 from .dataset import AnnDataset, PreparedData, normalize_indices
+from .registry import as_registry
 from .residency import (
     DEVICE_MEMORY_BUDGET,
     RESIDENCIES,
@@ -140,12 +141,7 @@ class AnnDataLoader(DataLoader):
             raise TypeError(f"prefetch must be True or False, got {prefetch!r}")
         self.prefetch = bool(prefetch)
         _check_generator(kwargs.get("generator"), self.device)
-        try:
-            from .registry import as_registry
-        except ImportError:  # pragma: no cover - registry.py is part of the package
-            as_registry = None
-        if as_registry is not None:
-            adata_manager = as_registry(adata_manager)
+        adata_manager = as_registry(adata_manager)
         n_obs = int(adata_manager.adata.shape[0])
         self.indices = normalize_indices(indices, n_obs)
 

@@ -13,18 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import kernels
+from . import host_sources, kernels
 from ._device_arrays import cupy_to_torch
 from .host_sources import _require_numeric
 from .storage import CsrStorage, DenseStorage, torch_dtype
 
-try:  # lossless compact storage (see annloader_gpu.compact)
-    from .compact import compact_index_dtype, compact_indptr_dtype
-except ImportError:  # pragma: no cover - compact.py is part of the package
-    compact_index_dtype = compact_indptr_dtype = None
-
-# Validation scans big index arrays in blocks so it never allocates a full-size temporary.
-_SCAN_BLOCK = 1 << 22
+from .compact import compact_index_dtype, compact_indptr_dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,8 +158,9 @@ def _check_minor_indices_tensor(ptr: torch.Tensor, indices: torch.Tensor, nnz: i
     minor = "column" if fmt == "csr" else "row"
     fmt_name = fmt.upper()
     sink = _index_sink(out) if out is not None else None
-    for begin in range(0, nnz, _SCAN_BLOCK):
-        end = min(begin + _SCAN_BLOCK, nnz)
+    block_size = host_sources._SCAN_BLOCK  # one setting for both validators (tests shrink it)
+    for begin in range(0, nnz, block_size):
+        end = min(begin + block_size, nnz)
         block = _exact_int64(indices[begin:end])
         lo, hi = torch.stack((block.min(), block.max())).tolist()
         if lo < 0 or hi >= n_minor:
@@ -243,12 +238,8 @@ def _tensor_sparse_storage(indptr: torch.Tensor, indices: torch.Tensor, data: to
     # The index dtype of sparse batches: int64 when the source uses it, else int32 (scipy's default).
     batch_index_dtype = np.dtype(np.int64) if indptr.dtype == torch.int64 else np.dtype(np.int32)
     ptr, nnz = _check_indptr_tensor(indptr, indices, n_major, where, fmt)
-    if compact_index_dtype is not None:
-        index_dtype = torch_dtype(compact_index_dtype(n_cols))
-        indptr_dtype = torch_dtype(compact_indptr_dtype(nnz))
-    else:  # pragma: no cover - compact.py is part of the package
-        index_dtype = torch.int32 if n_cols <= np.iinfo(np.int32).max else torch.int64
-        indptr_dtype = torch.int64
+    index_dtype = torch_dtype(compact_index_dtype(n_cols))
+    indptr_dtype = torch_dtype(compact_indptr_dtype(nnz))
     if fmt == "csr":
         own_indices = torch.empty(nnz, dtype=index_dtype, device=device)
         _check_minor_indices_tensor(ptr, indices, nnz, n_minor, where, fmt, out=own_indices)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -349,6 +350,8 @@ class ShardedAnnDataLoader(AnnDataLoader):
         kwargs.setdefault("seed", sharded_sampler.seed)
         kwargs.setdefault("shuffle", sharded_sampler.shuffle)
         super().__init__(adata_manager, None, batch_size=sharded_sampler.batch_size, **kwargs)
+        if self.repartition_every is not None:
+            _repartition_on_sampler_epoch(self)
 
     @property
     def _index_sampler(self):  # DataLoader's hook: what iteration and len() draw from
@@ -367,13 +370,15 @@ class ShardedAnnDataLoader(AnnDataLoader):
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffles for ``epoch``; with ``repartition_every=k``, first moves to partition round
-        ``epoch // k`` (a collective: every rank calls set_epoch with the same epoch)."""
-        if self.repartition_every is not None:
-            round_ = int(epoch) // self.repartition_every
-            if round_ != self.partition_round:
-                self.repartition(round_)
+        ``epoch // k`` (a collective: every rank calls set_epoch with the same epoch).
+        ``loader.sampler.set_epoch(epoch)``, which Lightning calls, does the same."""
         self.sampler.set_epoch(epoch)
         self._sharded_sampler.set_epoch(epoch)
+
+    def _follow_epoch(self, epoch: int) -> None:
+        round_ = int(epoch) // self.repartition_every
+        if round_ != self.partition_round:
+            self.repartition(round_)
 
     def repartition(self, round_: int) -> None:
         """Moves this rank to partition round ``round_`` (:func:`partition_positions` with it),
@@ -408,6 +413,23 @@ class ShardedAnnDataLoader(AnnDataLoader):
         self.dataset.data = PreparedData(registry, load_sparse_tensor=old.load_sparse_tensor, _fields=fields,
                                          _n_obs=len(partition))
         self.partition, self._held_positions, self.partition_round = partition, held, int(round_)
+
+
+def _repartition_on_sampler_epoch(loader: ShardedAnnDataLoader) -> None:
+    """Makes ``loader.sampler.set_epoch`` re-partition first, so Lightning (which calls the
+    sampler's set_epoch, not the loader's) re-partitions too. The sampler refers to the loader
+    weakly: a sampler kept alive does not keep the loader's data alive."""
+    sampler = loader.sampler
+    set_sampler_epoch = sampler.set_epoch
+    loader_ref = weakref.ref(loader)
+
+    def set_epoch(epoch: int) -> None:
+        owner = loader_ref()
+        if owner is not None:
+            owner._follow_epoch(epoch)
+        set_sampler_epoch(epoch)
+
+    sampler.set_epoch = set_epoch
 
 
 def _check_batches_agree(n_batches: int, n_total: int, batch_size: int, seed: int, device: torch.device) -> None:
@@ -459,9 +481,8 @@ def distributed_loader(
 
     ``repartition_every=k`` (sharded only): ``loader.set_epoch(e)`` moves the ranks to partition
     round ``e // k``, exchanging rows device to device (see :meth:`ShardedAnnDataLoader.repartition`),
-    so over a run every row meets every other in some rank's partition. Lightning calls the
-    sampler's ``set_epoch``, not the loader's: call ``loader.set_epoch(trainer.current_epoch)``
-    from a callback's ``on_train_epoch_start`` there.
+    so over a run every row meets every other in some rank's partition. ``loader.sampler.set_epoch``
+    (what Lightning calls) re-partitions too.
 
     With ``check=True`` and an initialised process group the ranks compare their batch counts
     (one small all_gather) and raise instead of hanging later. ``kwargs`` go to the loader

@@ -102,9 +102,9 @@ def main() -> None:
               flush=True)
 
     for epoch in range(args.epochs):
-        # The sharded loader's set_epoch also re-partitions (every rank calls it); the replicated
-        # loader reshuffles through its sampler.
-        (loader if args.sharded else loader.sampler).set_epoch(epoch)
+        # Reshuffles; with --repartition-every, a sharded loader also re-partitions here (every
+        # rank calls it, as DDP training loops and Lightning do).
+        loader.sampler.set_epoch(epoch)
         total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches
         cells = 0
         start = time.perf_counter()

@@ -169,7 +169,8 @@ def run_repartition(args, world: int, rank: int) -> dict:
                                     repartition_every=2, data_and_attributes=keys, load_sparse_tensor=sparse)
         rec = {"sparse": sparse, "rounds": [], "x_ok": True}
         for epoch in range(5):
-            loader.set_epoch(epoch)
+            # Dense X: the loader's set_epoch; sparse X: the sampler's, as Lightning calls it.
+            (loader.sampler if sparse else loader).set_epoch(epoch)
             seen = []
             for batch in loader:
                 ids = batch["ids"].reshape(-1).numpy()

@@ -351,6 +351,12 @@ class ShardedAnnDataLoader(AnnDataLoader):
         kwargs.setdefault("shuffle", sharded_sampler.shuffle)
         super().__init__(adata_manager, None, batch_size=sharded_sampler.batch_size, **kwargs)
         if self.repartition_every is not None:
+            host_only = [k for k, f in self.dataset.data.fields.items() if f.storage.kind == "fallback"]
+            if host_only:
+                raise TypeError(
+                    f"repartition_every: registry keys {host_only} are sliced on the host (dtypes the kernels "
+                    "cannot read) and cannot be exchanged between devices; register them with a numeric dtype"
+                )
             _repartition_on_sampler_epoch(self)
 
     @property
@@ -398,13 +404,14 @@ class ShardedAnnDataLoader(AnnDataLoader):
                 f"the process group (rank {dist.get_rank()} of {dist.get_world_size()}) is not the one the loader "
                 f"was built for (rank {sampler.rank} of {sampler.num_replicas})"
             )
-        backend = dist.get_backend()
         device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        if (backend == "nccl") != (device.type == "cuda"):
+        backend = _backend_for(device)
+        if backend != ("nccl" if device.type == "cuda" else "gloo"):
             raise RuntimeError(
-                f"the process group's backend is {backend} but the data lives on {device}: use nccl for GPU data, "
-                "gloo for host data"
+                f"the process group's backend for {device.type} tensors is {backend} but the data lives on {device}: "
+                "use nccl for GPU data, gloo for host data"
             )
+        _require_same_round(int(round_), self.repartition_every or 0, device)
         new_owner = owners(len(self._all_rows), sampler.num_replicas, sampler.seed, int(round_))
         fields, held = exchange_partition(self.dataset.data, self._held_positions, new_owner, self._all_rows, device)
         partition = self._all_rows[held]
@@ -413,6 +420,37 @@ class ShardedAnnDataLoader(AnnDataLoader):
         self.dataset.data = PreparedData(registry, load_sparse_tensor=old.load_sparse_tensor, _fields=fields,
                                          _n_obs=len(partition))
         self.partition, self._held_positions, self.partition_round = partition, held, int(round_)
+        if device.type == "cuda":
+            # An iterator made before this call gathers on its side stream, ordered only after what
+            # the current stream held when it was made: finish the exchange's writes now.
+            torch.cuda.current_stream(device).synchronize()
+            del old
+            torch.cuda.empty_cache()  # the exchange's peak need not stay reserved for the run
+
+
+def _backend_for(device: torch.device) -> str:
+    """The process group's backend for tensors of device's type ("nccl", "gloo", ...)."""
+    config = getattr(dist, "get_backend_config", None)
+    if config is not None:
+        pairs = dict(part.split(":", 1) for part in config().split(",") if ":" in part)
+        if device.type in pairs:
+            return pairs[device.type]
+    return dist.get_backend()
+
+
+def _require_same_round(round_: int, every: int, device: torch.device) -> None:
+    """Every rank moves to the same round with the same setting, or all of them raise here
+    (instead of exchanging into mismatched partitions, or hanging in the exchange)."""
+    mine = torch.tensor([round_, every], dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    seen = [tuple(int(v) for v in t.tolist()) for t in everyone]
+    if len(set(seen)) != 1:
+        raise RuntimeError(
+            "ranks disagree on the partition round (round, repartition_every): "
+            + ", ".join(f"rank {r}: {v}" for r, v in enumerate(seen))
+            + "; call set_epoch with the same epoch on every rank"
+        )
 
 
 def _repartition_on_sampler_epoch(loader: ShardedAnnDataLoader) -> None:
@@ -432,22 +470,24 @@ def _repartition_on_sampler_epoch(loader: ShardedAnnDataLoader) -> None:
     sampler.set_epoch = set_epoch
 
 
-def _check_batches_agree(n_batches: int, n_total: int, batch_size: int, seed: int, device: torch.device) -> None:
-    """All ranks agree on batch count, data size, batch size and seed (else raise, not hang)."""
+def _check_batches_agree(n_batches: int, n_total: int, batch_size: int, seed: int, device: torch.device,
+                         repartition_every: int = 0) -> None:
+    """All ranks agree on batch count, data size, batch size, seed and re-partition period (else
+    raise now rather than hang later)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     use_cuda = dist.get_backend() == "nccl"
     dev = device if (use_cuda and device.type == "cuda") else (
         torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"))
-    mine = torch.tensor([n_batches, n_total, batch_size, seed], dtype=torch.int64, device=dev)
+    mine = torch.tensor([n_batches, n_total, batch_size, seed, repartition_every], dtype=torch.int64, device=dev)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, mine)
     rows = [tuple(t.tolist()) for t in everyone]
     if len(set(rows)) != 1:
         raise RuntimeError(
-            "ranks disagree on (batches per epoch, n_obs, batch_size, seed): "
+            "ranks disagree on (batches per epoch, n_obs, batch_size, seed, repartition_every): "
             + ", ".join(f"rank {r}: {v}" for r, v in enumerate(rows))
-            + "; every rank must build its loader with the same data, batch_size and seed"
+            + "; every rank must build its loader with the same data, batch_size, seed and repartition_every"
         )
 
 
@@ -519,5 +559,5 @@ def distributed_loader(
             all_rows=rows, repartition_every=repartition_every, device=dev, residency=inner_residency, **kwargs,
         )
     if check:
-        _check_batches_agree(len(loader), n_total, batch_size, seed, dev)
+        _check_batches_agree(len(loader), n_total, batch_size, seed, dev, repartition_every or 0)
     return loader

@@ -8,8 +8,10 @@ arithmetic on the host, O(n) integers, no data), then each prepared field is exc
 the CPU), ragged CSR rows included, and re-sorted by observation id. The matrix never leaves the
 devices: what crosses the host is the row ids and per-rank counts.
 
-Memory: while exchanging, a rank holds its old partition, the rows it sends and the rows it
-receives (about three partitions at the peak for the field being moved, one field at a time).
+Memory: while a field is exchanged a rank holds its old storage, the rows it sends, the rows it
+receives and their re-sorted copy (the send copy is freed before the re-sort): up to about four
+copies of that field's partition, one field at a time, plus bounded temporaries (the entry
+index of a chunk of rows, ~16 bytes x 2^24). Cached GPU blocks are released afterwards.
 """
 
 from __future__ import annotations
@@ -68,18 +70,42 @@ def _take_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return values[rows]
 
 
-def _csr_rows(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, rows: torch.Tensor):
-    """(lengths, indices, values) of CSR rows ``rows``, in that order (torch ops, any device)."""
+def _csr_rows(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+              chunk_entries: int = 1 << 24):
+    """(lengths, indices, values) of CSR rows ``rows``, in that order (torch ops, any device).
+
+    The entries are gathered in chunks of about ``chunk_entries``: the int64 entry index a chunk
+    needs (8 bytes per non-zero) stays bounded instead of growing with the partition, which on a
+    GPU nearly full of compact storage (3-8 bytes per non-zero) would not fit.
+    """
     ptr = indptr.to(torch.int64)
     starts = ptr[rows]
     lengths = ptr[rows + 1] - starts
-    total = int(lengths.sum())
+    del ptr
+    ends = torch.cumsum(lengths, 0)
+    total = int(ends[-1]) if len(rows) else 0
+    out_indices = torch.empty(total, dtype=indices.dtype, device=indices.device)
+    out_values = torch.empty(total, dtype=values.dtype, device=values.device)
     if total == 0:
-        return lengths, indices[:0], values[:0]
-    row_of_entry = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), lengths)
-    first_entry = torch.cumsum(lengths, 0) - lengths
-    entry = starts[row_of_entry] + (torch.arange(total, device=rows.device) - first_entry[row_of_entry])
-    return lengths, _take_rows(indices, entry), _take_rows(values, entry)
+        return lengths, out_indices, out_values
+    ends_host = ends.cpu().numpy()
+    shift = starts - (ends - lengths)  # per row: source entry minus destination entry
+
+    def bits(t: torch.Tensor) -> torch.Tensor:  # uint16 through its int16 view: same bits
+        return t.view(torch.int16) if t.dtype == torch.uint16 else t
+
+    first = 0
+    while first < len(rows):
+        begin = int(ends_host[first - 1]) if first else 0
+        last = max(int(np.searchsorted(ends_host, begin + chunk_entries, side="right")), first + 1)
+        end = int(ends_host[last - 1])
+        if end > begin:
+            entry = torch.repeat_interleave(shift[first:last], lengths[first:last], output_size=end - begin)
+            entry += torch.arange(begin, end, device=rows.device)
+            bits(out_indices)[begin:end] = bits(indices)[entry]
+            bits(out_values)[begin:end] = bits(values)[entry]
+        first = last
+    return lengths, out_indices, out_values
 
 
 def _as_tensor(array: Any, device: torch.device) -> torch.Tensor:
@@ -128,6 +154,7 @@ def exchange_partition(prepared: PreparedData, held: np.ndarray, new_owner: np.n
             got_lengths = _alltoall(lengths, send_rows, recv_rows)
             got_indices = _alltoall(send_indices, send_nnz, recv_nnz)
             got_values = _alltoall(send_values, send_nnz, recv_nnz)
+            del lengths, send_indices, send_values  # sent: free them before the receive side's gather
             got_indptr = torch.cat((torch.zeros(1, dtype=torch.int64, device=device), torch.cumsum(got_lengths, 0)))
             new_lengths, new_indices, new_values = _csr_rows(got_indptr, got_indices, got_values, sort)
             new_indptr = torch.cat((torch.zeros(1, dtype=torch.int64, device=device), torch.cumsum(new_lengths, 0)))

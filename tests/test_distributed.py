@@ -378,3 +378,68 @@ def test_gpu_repartition_over_nccl_keeps_the_data(tmp_path, load_sparse_tensor):
                 assert torch.equal(b0[key], b1[key]), key
     finally:
         dist.destroy_process_group()
+
+
+def _exchange_in_one_process(tmp_path, backend: str, device: torch.device):
+    """exchange_partition within a world of 1, from a shuffled partition: the routing is an
+    identity but the re-sort is not, so rows must come back in observation order with their data."""
+    import torch.distributed as dist
+
+    from annloader_gpu.dataset import PreparedData
+    from annloader_gpu.distributed import RowSubsetRegistry
+    from annloader_gpu.registry import setup_anndata
+    from annloader_gpu.repartition import exchange_partition
+    from annloader_gpu.synthetic import make_counts_adata
+
+    adata = make_counts_adata(300, 70, genes_per_cell=20, seed=5, n_batches=3, n_labels=4)
+    adata.X.data[::7] += 300  # counts above 255: values stored as uint16, not uint8
+    adata.obsm["ids"] = np.arange(300, dtype=np.int64).reshape(-1, 1)
+    registry = setup_anndata(adata, batch_key="batch", labels_key="labels", obsm_keys=["ids"])
+    perm = np.random.default_rng(1).permutation(300)
+    prepared = PreparedData(RowSubsetRegistry(registry, perm), load_sparse_tensor=False)
+    if device.type == "cuda":
+        prepared = prepared.to(device)
+    assert str(prepared.fields["X"].storage.values.dtype).endswith("uint16")
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            **kwargs)
+    try:
+        fields, held = exchange_partition(prepared, perm, np.zeros(300, dtype=np.int64), np.arange(300), device)
+    finally:
+        dist.destroy_process_group()
+    np.testing.assert_array_equal(held, np.arange(300))
+    exchanged = PreparedData(registry, _fields=fields, _n_obs=300)
+    rows = np.arange(300, dtype=np.int64)
+    got = exchanged.fetch(torch.from_numpy(rows).to(device) if device.type == "cuda" else rows)
+    expected = PreparedData(registry).fetch(rows)
+    for key in expected:
+        assert torch.equal(got[key].cpu(), expected[key]), key
+
+
+def test_exchange_resorts_rows_and_keeps_their_data(tmp_path):
+    _exchange_in_one_process(tmp_path, "gloo", torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not annloader_gpu.gpu_usable(), reason="needs a usable CUDA GPU")
+def test_gpu_exchange_resorts_rows_and_keeps_their_data(tmp_path):
+    _exchange_in_one_process(tmp_path, "nccl", torch.device("cuda", 0))
+
+
+def test_csr_rows_in_small_chunks_equal_one_chunk():
+    import scipy.sparse as sp
+
+    from annloader_gpu.repartition import _csr_rows
+
+    m = sp.random(200, 50, density=0.1, format="csr", random_state=8, dtype=np.float64)
+    m.data = np.random.default_rng(8).integers(1, 60000, m.nnz).astype(np.float64)
+    rows = torch.from_numpy(np.random.default_rng(9).integers(0, 200, 333))
+    arrays = (torch.from_numpy(m.indptr), torch.from_numpy(m.indices.astype(np.uint16)),
+              torch.from_numpy(m.data.astype(np.uint16)))
+    whole = _csr_rows(*arrays, rows)
+    for chunk in (1, 7, 100):
+        parts = _csr_rows(*arrays, rows, chunk_entries=chunk)
+        for a, b in zip(whole, parts, strict=True):
+            assert torch.equal(a, b)
+    expected = m[rows.numpy()]
+    np.testing.assert_array_equal(whole[2].numpy(), expected.data.astype(np.uint16))

@@ -111,6 +111,21 @@ class _OurLoaderPlacement:
     def n_obs(self) -> int:
         return int(self.adata_manager.adata.n_obs)
 
+    # Same loaders, arguments and conditions as scvi-tools' splitters, through each module's
+    # _make_loader (which adds device and residency).
+    def train_dataloader(self):
+        return self._make_loader(self.train_idx, shuffle=True, drop_last=self.drop_last, train=True)
+
+    def val_dataloader(self):
+        if len(self.val_idx) > 0:
+            return self._make_loader(self.val_idx, shuffle=False, drop_last=False, train=False)
+        return None
+
+    def test_dataloader(self):
+        if len(self.test_idx) > 0:
+            return self._make_loader(self.test_idx, shuffle=False, drop_last=False, train=False)
+        return None
+
 
 class AnnLoaderDataModule(_OurLoaderPlacement, DataSplitter):
     """scvi-tools' ``DataSplitter`` with annloader_gpu's :class:`~annloader_gpu.loader.AnnDataLoader`.
@@ -174,7 +189,8 @@ class AnnLoaderDataModule(_OurLoaderPlacement, DataSplitter):
         )
         self._place_loaders(device, residency)
 
-    def _make_loader(self, indices: np.ndarray, *, shuffle: bool, drop_last: bool) -> AnnDataLoader:
+    def _make_loader(self, indices: np.ndarray, *, shuffle: bool, drop_last: bool, train: bool) -> AnnDataLoader:
+        del train  # one loader kind for every split here
         return self.data_loader_cls(
             self.adata_manager,
             indices=indices,
@@ -186,20 +202,6 @@ class AnnLoaderDataModule(_OurLoaderPlacement, DataSplitter):
             residency=self.residency,
             **self.data_loader_kwargs,
         )
-
-    # Same loaders, arguments and conditions as DataSplitter's, plus device and residency.
-    def train_dataloader(self) -> AnnDataLoader:
-        return self._make_loader(self.train_idx, shuffle=True, drop_last=self.drop_last)
-
-    def val_dataloader(self) -> AnnDataLoader | None:
-        if len(self.val_idx) > 0:
-            return self._make_loader(self.val_idx, shuffle=False, drop_last=False)
-        return None
-
-    def test_dataloader(self) -> AnnDataLoader | None:
-        if len(self.test_idx) > 0:
-            return self._make_loader(self.test_idx, shuffle=False, drop_last=False)
-        return None
 
 
 class SemiSupervisedAnnDataLoader(DataLoader):
@@ -371,19 +373,6 @@ class SemiSupervisedAnnLoaderDataModule(_OurLoaderPlacement, SemiSupervisedDataS
             **extra,
             **self.data_loader_kwargs,
         )
-
-    def train_dataloader(self):
-        return self._make_loader(self.train_idx, shuffle=True, drop_last=self.drop_last, train=True)
-
-    def val_dataloader(self):
-        if len(self.val_idx) > 0:
-            return self._make_loader(self.val_idx, shuffle=False, drop_last=False, train=False)
-        return None
-
-    def test_dataloader(self):
-        if len(self.test_idx) > 0:
-            return self._make_loader(self.test_idx, shuffle=False, drop_last=False, train=False)
-        return None
 
 
 def _is_semisupervised(model: Any) -> bool:

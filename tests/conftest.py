@@ -49,6 +49,13 @@ def device_param(device: str):
 #: All devices as pytest params: cuda is always listed (skipped with a reason on CPU machines).
 DEVICE_PARAMS = [device_param("cpu"), device_param("cuda")]
 
+# The dtype axes of the kernel tests: what the kernels read (values, column indices, indptr and
+# row indices) and write.
+VALUE_DTYPES = ["float32", "float64", "int32", "int64", "uint16", "uint8", "float16"]
+OUTPUT_DTYPES = ["float32", "float16", "bfloat16", "float64", "int64", "int32"]
+COLUMN_INDEX_DTYPES = ["int32", "int64", "uint16"]
+INDEX_DTYPES = ["int32", "int64"]
+
 
 def matrix(names: str | Sequence[str], *axes: Iterable[Any], with_device: bool = True) -> tuple[str, list]:
     """The devices x dtypes matrix, as arguments for ``pytest.mark.parametrize``.

@@ -16,7 +16,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 from conftest import (
+    COLUMN_INDEX_DTYPES,
     GPU_USABLE,
+    INDEX_DTYPES,
+    OUTPUT_DTYPES,
+    VALUE_DTYPES,
     assert_identical,
     empty_poisoned,
     np_dtype,
@@ -31,11 +35,6 @@ from conftest import (
 
 import annloader_gpu
 from annloader_gpu import kernels as K
-
-VALUE_DTYPES = ["float32", "float64", "int32", "int64", "uint16", "uint8", "float16"]
-OUTPUT_DTYPES = ["float32", "float16", "bfloat16", "float64", "int64", "int32"]
-COLUMN_INDEX_DTYPES = ["int32", "int64", "uint16"]
-INDEX_DTYPES = ["int32", "int64"]
 
 
 @pytest.fixture

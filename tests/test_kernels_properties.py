@@ -12,6 +12,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 from conftest import (
+    COLUMN_INDEX_DTYPES,
+    INDEX_DTYPES,
+    OUTPUT_DTYPES,
+    VALUE_DTYPES,
     assert_identical,
     empty_poisoned,
     np_dtype,
@@ -26,11 +30,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from annloader_gpu import kernels as K
-
-VALUE_DTYPES = ["float32", "float64", "int32", "int64", "uint16", "uint8", "float16"]
-OUTPUT_DTYPES = ["float32", "float16", "bfloat16", "float64", "int64", "int32"]
-COLUMN_INDEX_DTYPES = ["int32", "int64", "uint16"]
-INDEX_DTYPES = ["int32", "int64"]
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

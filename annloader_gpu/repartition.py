@@ -63,11 +63,14 @@ def _exchange_counts(counts: list[int], device: torch.device) -> list[int]:
     return [int(v) for v in recv.tolist()]
 
 
+def _same_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """uint16 as its int16 view (same bits): indexing is not built for uint16 everywhere."""
+    return tensor.view(torch.int16) if tensor.dtype == torch.uint16 else tensor
+
+
 def _take_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """values[rows] along dim 0, for any dtype (uint16 through its int16 view: same bits)."""
-    if values.dtype == torch.uint16:
-        return values.view(torch.int16)[rows].view(torch.uint16)
-    return values[rows]
+    """values[rows] along dim 0, for any dtype."""
+    return _same_bits(values)[rows].view(values.dtype)
 
 
 def _csr_rows(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
@@ -91,9 +94,6 @@ def _csr_rows(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
     ends_host = ends.cpu().numpy()
     shift = starts - (ends - lengths)  # per row: source entry minus destination entry
 
-    def bits(t: torch.Tensor) -> torch.Tensor:  # uint16 through its int16 view: same bits
-        return t.view(torch.int16) if t.dtype == torch.uint16 else t
-
     first = 0
     while first < len(rows):
         begin = int(ends_host[first - 1]) if first else 0
@@ -102,8 +102,8 @@ def _csr_rows(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
         if end > begin:
             entry = torch.repeat_interleave(shift[first:last], lengths[first:last], output_size=end - begin)
             entry += torch.arange(begin, end, device=rows.device)
-            bits(out_indices)[begin:end] = bits(indices)[entry]
-            bits(out_values)[begin:end] = bits(values)[entry]
+            _same_bits(out_indices)[begin:end] = _same_bits(indices)[entry]
+            _same_bits(out_values)[begin:end] = _same_bits(values)[entry]
         first = last
     return lengths, out_indices, out_values
 

@@ -11,6 +11,9 @@ namespace annloader::cuda {
 
 inline void check_cuda(cudaError_t status, const char* what) {
   if (status != cudaSuccess) {
+    // The runtime also keeps a failed call's error as its "last error"; left there, the next
+    // launch check would blame an innocent kernel for it (a failed cudaSetDevice did).
+    cudaGetLastError();
     throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorName(status) + ": " +
                              cudaGetErrorString(status));
   }

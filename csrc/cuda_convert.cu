@@ -10,6 +10,7 @@
 #include <string>
 
 #include "cuda_check.h"
+#include "cuda_launch.h"
 #include "dispatch.h"
 #include "kernels_convert.cuh"
 
@@ -84,10 +85,9 @@ void convert(cudaStream_t stream, const CsrMatrix& csc, int64_t nnz, char* works
   dispatch_column_index(csc.indices_dtype, [&](auto idx_tag) {
     using Idx = typename decltype(idx_tag)::type;
     if (nnz > 0) {
-      csc_sort_keys_kernel<Idx, Int><<<blocks_for(nnz), kThreads, 0, stream>>>(
-          static_cast<const Idx*>(csc.indices), nnz, csc.n_rows, keys.Current(), positions.Current(),
-          bad_position);
-      check_launch("csc_sort_keys_kernel");
+      launch("csc_sort_keys_kernel", csc_sort_keys_kernel<Idx, Int>, blocks_for(nnz), kThreads,
+             stream, static_cast<const Idx*>(csc.indices), nnz, csc.n_rows, keys.Current(),
+             positions.Current(), bad_position);
       // LSD radix sort is stable: equal rows keep their CSC (column) order. The sorted data ends
       // up in whichever slot Current() names afterwards.
       check_cuda(cub::DeviceRadixSort::SortPairs(sort_temp, sort_bytes, keys, positions, nnz, 0,
@@ -95,10 +95,10 @@ void convert(cudaStream_t stream, const CsrMatrix& csc, int64_t nnz, char* works
                  "cub::DeviceRadixSort::SortPairs");
       auto scatter = [&](auto elem_tag) {
         using Elem = typename decltype(elem_tag)::type;
-        csc_scatter_sorted_kernel<Idx, Elem, Int><<<blocks_for(nnz), kThreads, 0, stream>>>(
-            csc.indptr, indptr64, csc.n_cols, static_cast<const Elem*>(csc.values), positions.Current(), nnz,
-            static_cast<Idx*>(out_indices), static_cast<Elem*>(out_values));
-        check_launch("csc_scatter_sorted_kernel");
+        launch("csc_scatter_sorted_kernel", csc_scatter_sorted_kernel<Idx, Elem, Int>,
+               blocks_for(nnz), kThreads, stream, csc.indptr, indptr64, csc.n_cols,
+               static_cast<const Elem*>(csc.values), positions.Current(), nnz,
+               static_cast<Idx*>(out_indices), static_cast<Elem*>(out_values));
       };
       int64_t elem = 0;
       dispatch_value(csc.values_dtype, [&](auto tag) { elem = sizeof(typename decltype(tag)::type); });
@@ -112,9 +112,9 @@ void convert(cudaStream_t stream, const CsrMatrix& csc, int64_t nnz, char* works
       }
     }
   });
-  csr_indptr_from_sorted_rows_kernel<Int><<<blocks_for(csc.n_rows + 1), kThreads, 0, stream>>>(
-      keys.Current(), nnz, csc.n_rows, out_indptr);
-  check_launch("csr_indptr_from_sorted_rows_kernel");
+  launch("csr_indptr_from_sorted_rows_kernel", csr_indptr_from_sorted_rows_kernel<Int>,
+         blocks_for(csc.n_rows + 1), kThreads, stream, keys.Current(), nnz, csc.n_rows,
+         out_indptr);
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 
 #include "bindings_common.h"
 #include "cuda_check.h"
+#include "cuda_launch.h"
 #include "cuda_convert.h"
 #include "dispatch.h"
 #include "kernels_gather.cuh"
@@ -45,9 +46,8 @@ constexpr int kRowThreads = 256;
 void launch_check_rows(uintptr_t stream, const RowIndices& rows, bool rows64, int64_t n_rows,
                        uintptr_t bad_position) {
   if (rows.count == 0 || bad_position == 0) return;
-  check_rows_kernel<<<blocks_for(rows.count, kRowThreads), kRowThreads, 0, as_stream(stream)>>>(
-      rows.rows, rows64, rows.count, n_rows, as_slot(bad_position));
-  check_launch("check_rows_kernel");
+  launch("check_rows_kernel", check_rows_kernel, blocks_for(rows.count, kRowThreads), kRowThreads,
+         as_stream(stream), rows.rows, rows64, rows.count, n_rows, as_slot(bad_position));
 }
 
 void gather_csr_to_dense(int device, uintptr_t stream, const CsrMatrix& m, const RowIndices& rows,
@@ -67,12 +67,11 @@ void gather_csr_to_dense(int device, uintptr_t stream, const CsrMatrix& m, const
       using Val = typename decltype(val_tag)::type;
       dispatch_output(out_dtype, [&](auto out_tag) {
         using Out = typename decltype(out_tag)::type;
-        csr_rows_to_dense_kernel<Idx, Val, Out>
-            <<<blocks_for(rows.count), kRowThreads, 0, as_stream(stream)>>>(
-                m.indptr, indptr64, static_cast<const Idx*>(m.indices),
-                static_cast<const Val*>(m.values), m.n_rows, m.n_cols, rows.rows, rows64,
-                rows.count, static_cast<Out*>(as_ptr(out)), as_slot(bad_position));
-        check_launch("csr_rows_to_dense_kernel");
+        launch("csr_rows_to_dense_kernel", csr_rows_to_dense_kernel<Idx, Val, Out>,
+               blocks_for(rows.count), kRowThreads, as_stream(stream), m.indptr, indptr64,
+               static_cast<const Idx*>(m.indices), static_cast<const Val*>(m.values), m.n_rows,
+               m.n_cols, rows.rows, rows64, rows.count, static_cast<Out*>(as_ptr(out)),
+               as_slot(bad_position));
       });
     });
   });
@@ -84,13 +83,11 @@ void csr_batch_indptr(int device, uintptr_t stream, const CsrMatrix& m, const Ro
   const bool rows64 = is_int64_index(rows.dtype, "row index");
   const DeviceGuard guard(device);
   auto* out = static_cast<int64_t*>(as_ptr(out_indptr));
-  batch_row_lengths_kernel<<<blocks_for(rows.count, kRowThreads), kRowThreads, 0,
-                             as_stream(stream)>>>(m.indptr, indptr64, m.n_rows, rows.rows, rows64,
-                                                  rows.count, out, as_slot(bad_position));
-  check_launch("batch_row_lengths_kernel");
-  inclusive_scan_single_block_kernel<<<1, kScanThreads, 0, as_stream(stream)>>>(out + 1,
-                                                                                rows.count);
-  check_launch("inclusive_scan_single_block_kernel");
+  launch("batch_row_lengths_kernel", batch_row_lengths_kernel, blocks_for(rows.count, kRowThreads),
+         kRowThreads, as_stream(stream), m.indptr, indptr64, m.n_rows, rows.rows, rows64,
+         rows.count, out, as_slot(bad_position));
+  launch("inclusive_scan_single_block_kernel", inclusive_scan_single_block_kernel, 1, kScanThreads,
+         as_stream(stream), out + 1, rows.count);
 }
 
 void gather_csr_to_csr(int device, uintptr_t stream, const CsrMatrix& m, const RowIndices& rows,
@@ -106,22 +103,20 @@ void gather_csr_to_csr(int device, uintptr_t stream, const CsrMatrix& m, const R
     using Idx = typename decltype(idx_tag)::type;
     dispatch_index(out_indices_dtype, "output column index", [&](auto out_idx_tag) {
       using OutIdx = typename decltype(out_idx_tag)::type;
-      copy_csr_indices_kernel<Idx, OutIdx><<<blocks_for(rows.count), kRowThreads, 0,
-                                             as_stream(stream)>>>(
-          m.indptr, indptr64, static_cast<const Idx*>(m.indices), m.n_rows, rows.rows, rows64,
-          rows.count, batch_indptr, static_cast<OutIdx*>(as_ptr(out_indices)), out_nnz);
-      check_launch("copy_csr_indices_kernel");
+      launch("copy_csr_indices_kernel", copy_csr_indices_kernel<Idx, OutIdx>,
+             blocks_for(rows.count), kRowThreads, as_stream(stream), m.indptr, indptr64,
+             static_cast<const Idx*>(m.indices), m.n_rows, rows.rows, rows64, rows.count,
+             batch_indptr, static_cast<OutIdx*>(as_ptr(out_indices)), out_nnz);
     });
   });
   dispatch_value(m.values_dtype, [&](auto val_tag) {
     using Val = typename decltype(val_tag)::type;
     dispatch_output(out_values_dtype, [&](auto out_tag) {
       using OutVal = typename decltype(out_tag)::type;
-      copy_csr_values_kernel<Val, OutVal><<<blocks_for(rows.count), kRowThreads, 0,
-                                            as_stream(stream)>>>(
-          m.indptr, indptr64, static_cast<const Val*>(m.values), m.n_rows, rows.rows, rows64,
-          rows.count, batch_indptr, static_cast<OutVal*>(as_ptr(out_values)), out_nnz);
-      check_launch("copy_csr_values_kernel");
+      launch("copy_csr_values_kernel", copy_csr_values_kernel<Val, OutVal>, blocks_for(rows.count),
+             kRowThreads, as_stream(stream), m.indptr, indptr64, static_cast<const Val*>(m.values),
+             m.n_rows, rows.rows, rows64, rows.count, batch_indptr,
+             static_cast<OutVal*>(as_ptr(out_values)), out_nnz);
     });
   });
 }
@@ -144,10 +139,10 @@ void gather_dense(int device, uintptr_t stream, const DenseMatrix& m, const RowI
     using Val = typename decltype(val_tag)::type;
     dispatch_output(out_dtype, [&](auto out_tag) {
       using Out = typename decltype(out_tag)::type;
-      gather_dense_rows_kernel<Val, Out><<<grid, threads, 0, as_stream(stream)>>>(
-          static_cast<const Val*>(m.values), m.n_rows, m.n_cols, m.row_stride, rows.rows, rows64,
-          rows.count, static_cast<Out*>(as_ptr(out)), as_slot(bad_position));
-      check_launch("gather_dense_rows_kernel");
+      launch("gather_dense_rows_kernel", gather_dense_rows_kernel<Val, Out>, grid, threads,
+             as_stream(stream), static_cast<const Val*>(m.values), m.n_rows, m.n_cols,
+             m.row_stride, rows.rows, rows64, rows.count, static_cast<Out*>(as_ptr(out)),
+             as_slot(bad_position));
     });
   });
 }
@@ -184,9 +179,9 @@ void launch_narrow_fields(uintptr_t stream, const std::vector<const PlannedField
     using Val = typename decltype(val_tag)::type;
     dispatch_output(fields.front()->out_dtype, [&](auto out_tag) {
       using Out = typename decltype(out_tag)::type;
-      gather_narrow_fields_kernel<Val, Out><<<grid, kRowThreads, 0, as_stream(stream)>>>(
-          pack, n_rows, rows.rows, rows64, rows.count, as_slot(bad_position));
-      check_launch("gather_narrow_fields_kernel");
+      launch("gather_narrow_fields_kernel", gather_narrow_fields_kernel<Val, Out>, grid,
+             kRowThreads, as_stream(stream), pack, n_rows, rows.rows, rows64, rows.count,
+             as_slot(bad_position));
     });
   });
 }
@@ -230,7 +225,12 @@ void gather_planned(int device, uintptr_t stream, const GatherPlan& plan, const 
 
 using namespace annloader;
 
-PYBIND11_MODULE(_cuda, m) {
+// ANNLOADER_CUDA_MODULE is _cuda, or _cuda_emulated for the CPU emulation (cuda_emulation/).
+#ifndef ANNLOADER_CUDA_MODULE
+#define ANNLOADER_CUDA_MODULE _cuda
+#endif
+
+PYBIND11_MODULE(ANNLOADER_CUDA_MODULE, m) {
   m.doc() = "CUDA row gathers (annloader_gpu's optional GPU module).";
 
   m.def("device_count", [] {

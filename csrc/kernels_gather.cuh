@@ -122,21 +122,22 @@ constexpr int kScanThreads = 1024;
 __global__ void inclusive_scan_single_block_kernel(int64_t* data, int64_t n) {
   __shared__ int64_t tile[kScanThreads];
   __shared__ int64_t carry;
-  if (threadIdx.x == 0) carry = 0;
+  const int lane = static_cast<int>(threadIdx.x);
+  if (lane == 0) carry = 0;
   __syncthreads();
   for (int64_t base = 0; base < n; base += kScanThreads) {
-    const int64_t i = base + threadIdx.x;
-    tile[threadIdx.x] = i < n ? data[i] : 0;
+    const int64_t i = base + lane;
+    tile[lane] = i < n ? data[i] : 0;
     __syncthreads();
     for (int offset = 1; offset < kScanThreads; offset <<= 1) {
-      const int64_t add = threadIdx.x >= offset ? tile[threadIdx.x - offset] : 0;
+      const int64_t add = lane >= offset ? tile[lane - offset] : 0;
       __syncthreads();
-      tile[threadIdx.x] += add;
+      tile[lane] += add;
       __syncthreads();
     }
-    if (i < n) data[i] = tile[threadIdx.x] + carry;
+    if (i < n) data[i] = tile[lane] + carry;
     __syncthreads();
-    if (threadIdx.x == kScanThreads - 1) carry += tile[kScanThreads - 1];
+    if (lane == kScanThreads - 1) carry += tile[kScanThreads - 1];
     __syncthreads();
   }
 }

@@ -38,8 +38,9 @@ def test_gpu_path_without_gpu_raises_clear_error():
         require_cuda_module()
 
 
-@pytest.mark.parametrize("module_name", ["_core", "_cuda"])
-def test_typed_stubs_list_exactly_the_compiled_names(module_name):
+# The emulated CUDA module is the CUDA module's bindings compiled for the host: same stub.
+@pytest.mark.parametrize("module_name,stub_name", [("_core", "_core"), ("_cuda", "_cuda"), ("_cuda_emulated", "_cuda")])
+def test_typed_stubs_list_exactly_the_compiled_names(module_name, stub_name):
     import ast
     import importlib
     from pathlib import Path
@@ -48,7 +49,7 @@ def test_typed_stubs_list_exactly_the_compiled_names(module_name):
         module = importlib.import_module(f"annloader_gpu.{module_name}")
     except ImportError:
         pytest.skip(f"annloader_gpu.{module_name} was not built")
-    stub = Path(annloader_gpu.__file__).with_name(f"{module_name}.pyi")
+    stub = Path(annloader_gpu.__file__).with_name(f"{stub_name}.pyi")
     tree = ast.parse(stub.read_text())
     stubbed = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     stubbed |= {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)}

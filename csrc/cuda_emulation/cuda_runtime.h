@@ -1,0 +1,121 @@
+// Emulation stand-in for the CUDA runtime (see README.md in this folder): kernels become host
+// functions run by emulation::run_grid, device memory is host memory, streams are ignored.
+#pragma once
+
+#if defined(__CUDACC__)
+#error "cuda_emulation/ is for host compilers only; nvcc must see the real CUDA headers"
+#endif
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "grid.h"
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+// One variable per kernel instantiation, shared by the threads of the block being run; blocks
+// run one after another, so that is exactly a block's shared memory.
+#define __shared__ static
+
+#define CUDART_VERSION 13000
+
+enum cudaError_t : int {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidDevice = 101,
+  cudaErrorNotSupported = 801,
+};
+using cudaError = cudaError_t;
+using cudaStream_t = struct CUstream_emulated*;
+
+enum cudaMemcpyKind : int {
+  cudaMemcpyHostToHost = 0,
+  cudaMemcpyHostToDevice = 1,
+  cudaMemcpyDeviceToHost = 2,
+  cudaMemcpyDeviceToDevice = 3,
+  cudaMemcpyDefault = 4,
+};
+enum cudaDriverEntryPointQueryResult : int {
+  cudaDriverEntryPointSuccess = 0,
+  cudaDriverEntryPointSymbolNotFound = 1,
+};
+constexpr unsigned long long cudaEnableDefault = 0;
+
+inline cudaError_t cudaGetLastError() { return annloader::emulation::take_last_error<cudaError_t>(); }
+
+inline const char* cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
+  }
+  return "cudaErrorUnknown";
+}
+
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorNotSupported: return "operation not supported";
+  }
+  return "unknown error";
+}
+
+// One emulated device, index 0.
+inline cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaSetDevice(int device) {
+  return device == 0 ? cudaSuccess : annloader::emulation::set_last_error(cudaErrorInvalidDevice);
+}
+
+inline cudaError_t cudaRuntimeGetVersion(int* version) {
+  *version = CUDART_VERSION;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaDriverGetVersion(int* version) {
+  *version = 0;  // no driver
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
+  *free_bytes = *total_bytes = size_t{1} << 30;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t) {
+  if (bytes != 0) std::memcpy(dst, src, bytes);
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+
+// No driver to look entry points up in: DeviceGuard then only sets the device.
+inline cudaError_t cudaGetDriverEntryPointByVersion(const char*, void** fn, unsigned int, unsigned long long,
+                                                    cudaDriverEntryPointQueryResult* found) {
+  *fn = nullptr;
+  *found = cudaDriverEntryPointSymbolNotFound;
+  return cudaSuccess;
+}
+
+template <typename T>
+T atomicMin(T* address, T value) {
+  T old = __atomic_load_n(address, __ATOMIC_RELAXED);
+  while (value < old &&
+         !__atomic_compare_exchange_n(address, &old, value, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+  return old;
+}
+
+inline void __syncthreads() { annloader::emulation::sync_block(); }

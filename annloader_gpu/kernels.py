@@ -21,6 +21,7 @@ import torch
 
 from . import _core
 from ._cuda_module import require_cuda_module
+from .pinned import readable_by_cuda
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -100,7 +101,7 @@ class _Buffer:
 
 def _device_readable(buffer: _Buffer) -> bool:
     """Pinned host tensors are addressable by CUDA kernels through unified virtual addressing."""
-    return isinstance(buffer.array, torch.Tensor) and buffer.array.is_pinned()
+    return isinstance(buffer.array, torch.Tensor) and readable_by_cuda(buffer.array)
 
 
 def _same_device(*buffers: _Buffer) -> torch.device:

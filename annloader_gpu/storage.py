@@ -18,6 +18,7 @@ import scipy.sparse as sp
 import torch
 
 from . import kernels
+from .pinned import pinned_copy
 
 __all__ = ["CsrStorage", "DenseStorage", "HostFallbackStorage", "torch_dtype"]
 
@@ -47,9 +48,9 @@ def torch_dtype(dtype: np.dtype) -> torch.dtype:
 
 
 def _to_device(array: np.ndarray | torch.Tensor, device: torch.device, pin: bool = False) -> torch.Tensor:
+    if pin:  # page-locked host memory that kernels on device read in place
+        return pinned_copy(array, device)
     tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
-    if pin:
-        return tensor.pin_memory()
     return tensor.to(device)
 
 

@@ -269,6 +269,29 @@ PYBIND11_MODULE(ANNLOADER_CUDA_MODULE, m) {
       py::arg("device"));
   m.attr("architectures") = py::str(ANNLOADER_CUDA_ARCHITECTURES);
 
+  // Page-locks host memory that the caller owns, for kernels to read in place (pinned
+  // residency); torch's pinned allocator would round each request up to a power of two.
+  m.def(
+      "host_register",
+      [](int device, uintptr_t address, int64_t bytes) {
+        if (address == 0 || bytes <= 0) {
+          throw std::invalid_argument("host_register needs a non-null address and a positive size, got " +
+                                      std::to_string(bytes) + " bytes");
+        }
+        const cuda::DeviceGuard guard(device);
+        cuda::check_cuda(cudaHostRegister(as_ptr(address), static_cast<size_t>(bytes),
+                                          cudaHostRegisterPortable | cudaHostRegisterMapped),
+                         ("cudaHostRegister of " + std::to_string(bytes) + " bytes").c_str());
+      },
+      py::arg("device"), py::arg("address"), py::arg("bytes"));
+  m.def(
+      "host_unregister",
+      [](int device, uintptr_t address) {
+        const cuda::DeviceGuard guard(device);
+        cuda::check_cuda(cudaHostUnregister(as_ptr(address)), "cudaHostUnregister");
+      },
+      py::arg("device"), py::arg("address"));
+
   m.def(
       "check_rows",
       [](int device, uintptr_t stream, uintptr_t rows, const std::string& rows_dtype,

@@ -9,6 +9,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
 
 #include "grid.h"
 
@@ -27,6 +29,8 @@ enum cudaError_t : int {
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
   cudaErrorInvalidDevice = 101,
+  cudaErrorHostMemoryAlreadyRegistered = 712,
+  cudaErrorHostMemoryNotRegistered = 713,
   cudaErrorNotSupported = 801,
 };
 using cudaError = cudaError_t;
@@ -53,6 +57,8 @@ inline const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorHostMemoryAlreadyRegistered: return "cudaErrorHostMemoryAlreadyRegistered";
+    case cudaErrorHostMemoryNotRegistered: return "cudaErrorHostMemoryNotRegistered";
     case cudaErrorNotSupported: return "cudaErrorNotSupported";
   }
   return "cudaErrorUnknown";
@@ -64,6 +70,8 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorHostMemoryAlreadyRegistered: return "part or all of the requested memory range is already mapped";
+    case cudaErrorHostMemoryNotRegistered: return "pointer does not correspond to a registered memory region";
     case cudaErrorNotSupported: return "operation not supported";
   }
   return "unknown error";
@@ -100,6 +108,44 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
 }
 
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+
+constexpr unsigned int cudaHostRegisterDefault = 0;
+constexpr unsigned int cudaHostRegisterPortable = 1;
+constexpr unsigned int cudaHostRegisterMapped = 2;
+
+// Registration is bookkeeping only, with the runtime's two errors: a range that overlaps a
+// registered one, and unregistering an address that does not start one.
+inline std::map<uintptr_t, size_t>& registered_host_ranges() {
+  static std::map<uintptr_t, size_t> ranges;
+  return ranges;
+}
+
+inline std::mutex& registered_host_ranges_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+inline cudaError_t cudaHostRegister(void* ptr, size_t bytes, unsigned int) {
+  const std::lock_guard<std::mutex> lock(registered_host_ranges_mutex());
+  auto& ranges = registered_host_ranges();
+  const auto start = reinterpret_cast<uintptr_t>(ptr);
+  if (ptr == nullptr || bytes == 0) return annloader::emulation::set_last_error(cudaErrorInvalidValue);
+  for (const auto& [begin, size] : ranges) {
+    if (start < begin + size && begin < start + bytes) {
+      return annloader::emulation::set_last_error(cudaErrorHostMemoryAlreadyRegistered);
+    }
+  }
+  ranges[start] = bytes;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaHostUnregister(void* ptr) {
+  const std::lock_guard<std::mutex> lock(registered_host_ranges_mutex());
+  if (registered_host_ranges().erase(reinterpret_cast<uintptr_t>(ptr)) == 0) {
+    return annloader::emulation::set_last_error(cudaErrorHostMemoryNotRegistered);
+  }
+  return cudaSuccess;
+}
 
 // No driver to look entry points up in: DeviceGuard then only sets the device.
 inline cudaError_t cudaGetDriverEntryPointByVersion(const char*, void** fn, unsigned int, unsigned long long,

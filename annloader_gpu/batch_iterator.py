@@ -96,47 +96,23 @@ def new_stream(device: torch.device) -> Any:
     return torch.cuda.Stream(device)
 
 
-class BatchIterator:
-    """Yields the loader's batches, bypassing DataLoader's fetcher (one gather per field)."""
+class _BatchSource:
+    """The sampler's batches for one iteration, as the iterator consumes them.
 
-    def __init__(self, loader: AnnDataLoader):
+    Kept apart from :class:`BatchIterator`, and not holding its own generator, so that no
+    reference cycle runs through the iterator: one dropped half-way (``next(iter(loader))``, an
+    exception, an early stop) is freed at once, with its prefetched GPU batch and epoch rows,
+    not at the next garbage collection.
+    """
+
+    def __init__(self, loader: AnnDataLoader, gpu_rows: bool):
         self._loader = loader
-        # DataLoader's single-process iterator draws a base seed from the loader's generator
-        # (the global RNG by default) before sampling; doing the same keeps shuffling identical
-        # to scvi-tools' loader under torch.manual_seed.
-        # (A CUDA generator has no such draw to mirror: DataLoader itself cannot make it.)
-        generator = loader.generator
-        if generator is None or generator.device.type == "cpu":
-            torch.empty((), dtype=torch.int64).random_(generator=generator)
-        dataset = loader.dataset
-        self._dataset = dataset
+        self._dataset = loader.dataset
         self._device = loader.device
-        # With the data in GPU memory or pinned host memory, the CUDA kernels gather on the device.
-        self._gpu_rows = loader.residency in ("device", "pinned")
-        self._rows_ready = False  # set when the default sampler's batches arrive as row arrays
-        self._batches = self._position_batches()
-        self._pool = dataset.pool if not self._gpu_rows else None
-        collate = loader.collate_fn
-        self._mode = "tensor" if collate is default_convert else ("ndarray" if collate is identity_collate else "custom")
-        self._pin = bool(loader.pin_memory) and self._device.type == "cpu" and torch.cuda.is_available()
-        # Prefetching: the next batch is gathered on a side stream while the consumer uses this one.
-        self._side_stream = None
-        self._pending: Any = _NOT_STARTED
-        # Not with a user collate_fn: its batch may hold tensors in containers _record_stream
-        # cannot see, and an unrecorded tensor could be overwritten while the consumer reads it.
-        if self._gpu_rows and loader.prefetch and self._mode != "custom":
-            self._side_stream = loader._prefetch_stream()
-            # The resident data was placed on the consumer's stream: order the gathers after it.
-            self._side_stream.wait_stream(_current_stream(self._device))
+        self._gpu_rows = gpu_rows
+        self.rows_ready = False  # set when the default sampler's batches arrive as row arrays
 
-    def __iter__(self) -> BatchIterator:
-        return self
-
-    def __len__(self) -> int:
-        # Asked only when needed: a user sampler without __len__ still iterates, as with DataLoader.
-        return len(self._loader)
-
-    def _position_batches(self):
+    def batches(self):
         """Sampler items; for the default sampler, ready row arrays (see _epoch_row_batches)."""
         loader = self._loader
         sampler = loader._index_sampler
@@ -150,7 +126,7 @@ class BatchIterator:
             else:
                 order = False
             if order is not False:
-                self._rows_ready = True
+                self.rows_ready = True
                 yield from self._epoch_row_batches(order, n, sampler.batch_size, sampler.drop_last)
                 return
         yield from sampler
@@ -193,6 +169,47 @@ class BatchIterator:
             return None
         return [{k: v for p in parts for k, v in p[b].items()} for b in range(len(parts[0]))]
 
+
+class BatchIterator:
+    """Yields the loader's batches, bypassing DataLoader's fetcher (one gather per field)."""
+
+    def __init__(self, loader: AnnDataLoader):
+        self._loader = loader
+        # DataLoader's single-process iterator draws a base seed from the loader's generator
+        # (the global RNG by default) before sampling; doing the same keeps shuffling identical
+        # to scvi-tools' loader under torch.manual_seed.
+        # (A CUDA generator has no such draw to mirror: DataLoader itself cannot make it.)
+        generator = loader.generator
+        if generator is None or generator.device.type == "cpu":
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+        dataset = loader.dataset
+        self._dataset = dataset
+        self._device = loader.device
+        # With the data in GPU memory or pinned host memory, the CUDA kernels gather on the device.
+        self._gpu_rows = loader.residency in ("device", "pinned")
+        self._source = _BatchSource(loader, self._gpu_rows)
+        self._batches = self._source.batches()
+        self._pool = dataset.pool if not self._gpu_rows else None
+        collate = loader.collate_fn
+        self._mode = "tensor" if collate is default_convert else ("ndarray" if collate is identity_collate else "custom")
+        self._pin = bool(loader.pin_memory) and self._device.type == "cpu" and torch.cuda.is_available()
+        # Prefetching: the next batch is gathered on a side stream while the consumer uses this one.
+        self._side_stream = None
+        self._pending: Any = _NOT_STARTED
+        # Not with a user collate_fn: its batch may hold tensors in containers _record_stream
+        # cannot see, and an unrecorded tensor could be overwritten while the consumer reads it.
+        if self._gpu_rows and loader.prefetch and self._mode != "custom":
+            self._side_stream = loader._prefetch_stream()
+            # The resident data was placed on the consumer's stream: order the gathers after it.
+            self._side_stream.wait_stream(_current_stream(self._device))
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __len__(self) -> int:
+        # Asked only when needed: a user sampler without __len__ still iterates, as with DataLoader.
+        return len(self._loader)
+
     def _rows(self, item) -> np.ndarray:
         """Observation rows (int64) for one sampler item: positions into the dataset."""
         if isinstance(item, torch.Tensor):
@@ -207,7 +224,7 @@ class BatchIterator:
         return self._dataset.rows(positions.reshape(-1))
 
     def _fetch(self, item, as_numpy: bool) -> dict[str, Any]:
-        if self._rows_ready:  # (rows, known sparse batch sizes or None) from _epoch_row_batches
+        if self._source.rows_ready:  # (rows, known sparse batch sizes or None) from _epoch_row_batches
             rows, nnz = item
             return self._dataset.data.fetch(rows, pool=self._pool, as_numpy=as_numpy, nnz=nnz)
         rows = self._rows(item)
@@ -251,6 +268,8 @@ class BatchIterator:
         with _on_stream(self._side_stream):
             try:
                 return self._next_batch()
+            except StopIteration as exc:  # its traceback would tie this iterator in a cycle
+                return exc.with_traceback(None)
             except Exception as exc:  # noqa: BLE001 - re-raised in order by __next__
                 return exc
 

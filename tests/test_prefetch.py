@@ -8,6 +8,8 @@ streams, the caching allocator and CUDA generators are checked on a GPU.
 from __future__ import annotations
 
 import contextlib
+import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -107,6 +109,38 @@ def test_prefetch_iterator_stays_exhausted(fake_streams):
     for _ in range(2):
         with pytest.raises(StopIteration):
             next(iterator)
+
+
+@contextlib.contextmanager
+def _no_garbage_collection():
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("consumed", ["one_batch", "all"])
+@pytest.mark.parametrize("prefetching", [False, True])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_dropped_iterator_is_freed_at_once(fake_streams, consumed, prefetching, shuffle):
+    """No reference cycle through the iterator: its prefetched batch and epoch rows go with it,
+    not at the next garbage collection."""
+    _log, side = fake_streams
+    loader = AnnDataLoader(setup_anndata(make_adata("csr")), device="cpu", batch_size=16, shuffle=shuffle)
+    with _no_garbage_collection():
+        iterator = _prefetching_iterator(loader, side) if prefetching else iter(loader)
+        if consumed == "all":
+            assert list(iterator)
+        else:
+            next(iterator)
+        batch_ref = weakref.ref(iterator._pending["X"]) if prefetching and consumed != "all" else None
+        iterator_ref = weakref.ref(iterator)
+        del iterator
+        assert iterator_ref() is None
+        if batch_ref is not None:
+            assert batch_ref() is None
 
 
 @pytest.mark.parametrize("prefetch", [1, "yes", None])
@@ -246,6 +280,6 @@ def test_epoch_sparse_sizes_match_the_batches(drop_last):
     rows = np.arange(registry.adata.n_obs, dtype=np.int64)
     n = len(rows)
     stop = (n // 16) * 16 if drop_last else n
-    sizes = iterator._epoch_sparse_sizes(torch.from_numpy(rows), rows, 16, stop)
+    sizes = iterator._source._epoch_sparse_sizes(torch.from_numpy(rows), rows, 16, stop)
     assert [s["X"] for s in sizes] == [int(b["X"].values().numel()) for b in batches]
     assert all(set(s) == {"X"} for s in sizes)

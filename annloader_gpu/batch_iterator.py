@@ -96,6 +96,15 @@ def new_stream(device: torch.device) -> Any:
     return torch.cuda.Stream(device)
 
 
+def _epoch_sliced_samplers() -> tuple[type, ...]:
+    """Samplers whose batches are consecutive slices of ``epoch_positions()`` (exact types: a
+    subclass may batch differently)."""
+    from .distributed import ShardedBatchSampler
+    from .sampler import BatchDistributedSampler
+
+    return (BatchDistributedSampler, ShardedBatchSampler)
+
+
 class _BatchSource:
     """The sampler's batches for one iteration, as the iterator consumes them.
 
@@ -129,6 +138,13 @@ class _BatchSource:
                 self.rows_ready = True
                 yield from self._epoch_row_batches(order, n, sampler.batch_size, sampler.drop_last)
                 return
+        if type(sampler) in _epoch_sliced_samplers() and not loader._auto_collation:
+            # Distributed and sharded samplers: consecutive slices of one epoch order.
+            positions = sampler.epoch_positions()
+            self.rows_ready = True
+            yield from self._epoch_row_batches(positions, len(positions), sampler.batch_size,
+                                               sampler.drop_last_batch)
+            return
         yield from sampler
 
     def _epoch_row_batches(self, order: np.ndarray | None, n: int, size: int, drop_last: bool):

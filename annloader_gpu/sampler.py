@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sized
 from itertools import islice
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
@@ -102,6 +103,23 @@ class BatchDistributedSampler(DistributedSampler):
     @property
     def drop_dataset_tail(self) -> bool:
         return self.drop_last
+
+    def epoch_positions(self) -> np.ndarray:
+        """This replica's positions for the epoch, before batching: exactly what
+        ``DistributedSampler.__iter__`` yields, computed with numpy (the loader maps and uploads
+        them once per epoch instead of once per batch)."""
+        n = len(self.dataset)
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            indices = torch.randperm(n, generator=generator).numpy()
+        else:
+            indices = np.arange(n, dtype=np.int64)
+        if not self.drop_last:  # pad by repeating the start, as often as needed
+            indices = np.concatenate([indices, np.resize(indices, self.total_size - n)])
+        else:
+            indices = indices[: self.total_size]
+        return indices[self.rank : self.total_size : self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
         replica_indices = super().__iter__()

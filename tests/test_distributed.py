@@ -443,3 +443,28 @@ def test_csr_rows_in_small_chunks_equal_one_chunk():
             assert torch.equal(a, b)
     expected = m[rows.numpy()]
     np.testing.assert_array_equal(whole[2].numpy(), expected.data.astype(np.uint16))
+
+
+def test_sharded_batches_are_slices_of_one_epoch_mapping():
+    """The sharded loader maps its epoch once (one upload per epoch on a GPU), and its batches
+    are still the sharded sampler's."""
+    from annloader_gpu.distributed import distributed_loader
+    from annloader_gpu.registry import setup_anndata
+    from test_loader import make_adata
+
+    registry = setup_anndata(make_adata("csr"))
+    loader = distributed_loader(registry, residency="sharded", num_replicas=3, rank=1, device="cpu", batch_size=9,
+                                seed=3)
+    loader.sampler.set_epoch(4)
+    iterator = iter(loader)
+    batches = list(iterator)
+    assert iterator._source.rows_ready
+    positions = list(loader.sharded_sampler)
+    assert len(batches) == len(positions) == len(loader)
+    x = loader.dataset.data.fields["X"].storage
+    dense = np.zeros((x.n_rows, x.n_cols), dtype=np.float32)
+    indptr = np.asarray(x.indptr, dtype=np.int64)
+    for r in range(x.n_rows):
+        dense[r, np.asarray(x.indices[indptr[r]:indptr[r + 1]], dtype=np.int64)] = x.values[indptr[r]:indptr[r + 1]]
+    for batch, pos in zip(batches, positions):
+        assert torch.equal(batch["X"], torch.from_numpy(dense[loader.dataset.rows(pos)]))

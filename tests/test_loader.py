@@ -252,6 +252,22 @@ def test_distributed_sampler_ranks_match_scvi_sampler(scvi, shuffle, drop_last, 
                     assert torch.equal(batch["X"], torch.from_numpy(dense[indices[positions]]))
 
 
+def test_distributed_batches_are_slices_of_one_epoch_mapping():
+    """A distributed loader maps (and on a GPU uploads) its epoch's rows once, like the default
+    sampler, instead of once per batch; the batches stay the sampler's."""
+    manager = full_manager("csr")
+    loader = AnnDataLoader(manager, device="cpu", batch_size=8, distributed_sampler=True, num_replicas=3, rank=2,
+                           seed=5, shuffle=True)
+    loader.sampler.set_epoch(2)
+    iterator = iter(loader)
+    first = next(iterator)
+    assert iterator._source.rows_ready
+    dense = manager.get_from_registry("X").toarray()
+    expected = list(loader.sampler)
+    assert torch.equal(first["X"], torch.from_numpy(dense[expected[0]]))
+    assert len(list(iterator)) == len(expected) - 1
+
+
 @scvi_only
 def test_distributed_sampler_with_process_group_matches_scvi(scvi, tmp_path):
     import torch.distributed as dist

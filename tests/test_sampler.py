@@ -180,3 +180,21 @@ def test_takes_world_from_process_group(tmp_path):
             BatchDistributedSampler(range(7), num_replicas=1, rank=1)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("num_replicas", [1, 2, 3, 7])
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("drop_dataset_tail", [False, True])
+def test_epoch_positions_are_what_iteration_yields(num_replicas, shuffle, drop_dataset_tail):
+    """The loader slices epoch_positions() instead of iterating: both must give the same batches."""
+    from torch.utils.data import DistributedSampler
+
+    for n, batch_size, seed, epoch, rank in itertools.product(
+        [0, 1, 2, 5, 16, 33], [1, 4, 128], SEEDS, EPOCHS, range(num_replicas)
+    ):
+        sampler = BatchDistributedSampler(range(n), batch_size, drop_dataset_tail=drop_dataset_tail,
+                                          num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        sampler.set_epoch(epoch)
+        positions = sampler.epoch_positions()
+        assert positions.tolist() == list(DistributedSampler.__iter__(sampler))
+        assert positions.tolist() == [i for batch in sampler for i in batch]

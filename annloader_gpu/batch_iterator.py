@@ -151,8 +151,9 @@ class _BatchSource:
         """The epoch's rows mapped (and, for GPU residency, uploaded) once, then sliced per batch.
 
         One host-to-device copy per epoch instead of one per batch, and no host work per batch
-        beyond slicing; the permutation itself is drawn on the host exactly as RandomSampler
-        draws it, so the order equals scvi-tools' for the same seed.
+        beyond slicing. ``order`` is the default sampler's permutation, drawn exactly as
+        RandomSampler draws it (so the order equals scvi-tools' for the same seed), or a
+        distributed or sharded sampler's epoch positions.
         """
         host_rows = None
         if isinstance(order, torch.Tensor):  # drawn on the GPU by a CUDA generator

@@ -48,7 +48,8 @@ def pinned_copy(array: np.ndarray | torch.Tensor, device: torch.device, *,
     cuda.host_register(index, address, nbytes)
     with _lock:
         _registered[address] = nbytes
-    weakref.finalize(buffer, _unregister, cuda, index, address)
+    # Not at interpreter exit: the process's memory goes with it, and CUDA may be torn down.
+    weakref.finalize(buffer, _unregister, cuda, index, address).atexit = False
     return copy
 
 

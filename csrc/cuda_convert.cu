@@ -22,10 +22,6 @@ constexpr int64_t kAlign = 256;
 
 int64_t aligned(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
-unsigned int blocks_for(int64_t items) {
-  return static_cast<unsigned int>(std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, int64_t{1} << 20));
-}
-
 // 32-bit keys and positions whenever they fit: half the sort traffic of 64-bit ones.
 bool fits_32_bits(int64_t n_rows, int64_t nnz) {
   return n_rows <= std::numeric_limits<int32_t>::max() && nnz <= std::numeric_limits<int32_t>::max();
@@ -85,9 +81,9 @@ void convert(cudaStream_t stream, const CsrMatrix& csc, int64_t nnz, char* works
   dispatch_column_index(csc.indices_dtype, [&](auto idx_tag) {
     using Idx = typename decltype(idx_tag)::type;
     if (nnz > 0) {
-      launch("csc_sort_keys_kernel", csc_sort_keys_kernel<Idx, Int>, blocks_for(nnz), kThreads,
-             stream, static_cast<const Idx*>(csc.indices), nnz, csc.n_rows, keys.Current(),
-             positions.Current(), bad_position);
+      launch("csc_sort_keys_kernel", csc_sort_keys_kernel<Idx, Int>, blocks_for(nnz, kThreads),
+             kThreads, stream, static_cast<const Idx*>(csc.indices), nnz, csc.n_rows,
+             keys.Current(), positions.Current(), bad_position);
       // LSD radix sort is stable: equal rows keep their CSC (column) order. The sorted data ends
       // up in whichever slot Current() names afterwards.
       check_cuda(cub::DeviceRadixSort::SortPairs(sort_temp, sort_bytes, keys, positions, nnz, 0,
@@ -96,7 +92,7 @@ void convert(cudaStream_t stream, const CsrMatrix& csc, int64_t nnz, char* works
       auto scatter = [&](auto elem_tag) {
         using Elem = typename decltype(elem_tag)::type;
         launch("csc_scatter_sorted_kernel", csc_scatter_sorted_kernel<Idx, Elem, Int>,
-               blocks_for(nnz), kThreads, stream, csc.indptr, indptr64, csc.n_cols,
+               blocks_for(nnz, kThreads), kThreads, stream, csc.indptr, indptr64, csc.n_cols,
                static_cast<const Elem*>(csc.values), positions.Current(), nnz,
                static_cast<Idx*>(out_indices), static_cast<Elem*>(out_values));
       };
@@ -113,7 +109,7 @@ void convert(cudaStream_t stream, const CsrMatrix& csc, int64_t nnz, char* works
     }
   });
   launch("csr_indptr_from_sorted_rows_kernel", csr_indptr_from_sorted_rows_kernel<Int>,
-         blocks_for(csc.n_rows + 1), kThreads, stream, keys.Current(), nnz, csc.n_rows,
+         blocks_for(csc.n_rows + 1, kThreads), kThreads, stream, keys.Current(), nnz, csc.n_rows,
          out_indptr);
 }
 

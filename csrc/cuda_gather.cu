@@ -29,12 +29,6 @@ cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>
 
 unsigned long long* as_slot(uintptr_t slot) { return reinterpret_cast<unsigned long long*>(slot); }
 
-// Grid-stride kernels cap the grid; 2^20 blocks is far past what any GPU runs at once.
-unsigned int blocks_for(int64_t items, int64_t per_block = 1) {
-  const int64_t blocks = (items + per_block - 1) / per_block;
-  return static_cast<unsigned int>(std::clamp<int64_t>(blocks, 1, int64_t{1} << 20));
-}
-
 int64_t output_element_size(DType t) {
   int64_t size = 0;
   dispatch_output(t, [&](auto tag) { size = sizeof(typename decltype(tag)::type); });

@@ -92,21 +92,36 @@ def random_rows(rng, n_rows: int, n_batch: int, dtype: str = "int64") -> torch.T
     return tensor(rng.integers(0, n_rows, size=n_batch).astype(np_dtype(dtype)))
 
 
+class Guarded:
+    """A poisoned output with a poisoned guard row (or element) on each side: the kernel gets
+    the inside; a write past either end changes a guard, which :meth:`inside` checks."""
+
+    def __init__(self, shape, dtype: str):
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        self._full = empty_poisoned((shape[0] + 2, *shape[1:]), dtype)
+        self._guard = empty_poisoned((2, *shape[1:]), dtype)
+        self.address = self._full[1:-1].data_ptr()
+
+    def inside(self) -> torch.Tensor:
+        assert_identical(self._full[[0, -1]], self._guard)
+        return self._full[1:-1]
+
+
 def to_dense(m: Csr, rows: torch.Tensor, out_dtype: str) -> tuple[torch.Tensor, int]:
-    out = empty_poisoned((rows.shape[0], m.n_cols), out_dtype)
+    out = Guarded((rows.shape[0], m.n_cols), out_dtype)
     slot = fresh_slot()
-    emulated.gather_csr_to_dense(**ON_DEVICE, **m.args(), **rows_args(rows), out=out.data_ptr(),
+    emulated.gather_csr_to_dense(**ON_DEVICE, **m.args(), **rows_args(rows), out=out.address,
                                  out_dtype=out_dtype, bad_position=slot.data_ptr())
-    return out, int(slot)
+    return out.inside(), int(slot)
 
 
 def batch_indptr(m: Csr, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-    out = empty_poisoned(rows.shape[0] + 1, "int64")
+    out = Guarded(rows.shape[0] + 1, "int64")
     slot = fresh_slot()
     emulated.csr_batch_indptr(**ON_DEVICE, indptr=m.indptr.data_ptr(), indptr_dtype=name(m.indptr),
-                              n_rows=m.n_rows, **rows_args(rows), out_indptr=out.data_ptr(),
+                              n_rows=m.n_rows, **rows_args(rows), out_indptr=out.address,
                               bad_position=slot.data_ptr())
-    return out, int(slot)
+    return out.inside(), int(slot)
 
 
 def to_csr(m: Csr, rows: torch.Tensor, out_index: str, out_value: str, out_nnz: int | None = None, spare: int = 0):
@@ -114,12 +129,12 @@ def to_csr(m: Csr, rows: torch.Tensor, out_index: str, out_value: str, out_nnz: 
     poisoned entries past out_nnz show any write beyond it."""
     indptr, slot = batch_indptr(m, rows)
     nnz = int(indptr[-1]) if out_nnz is None else out_nnz
-    indices = empty_poisoned(nnz + spare, out_index)
-    values = empty_poisoned(nnz + spare, out_value)
+    indices = Guarded(nnz + spare, out_index)
+    values = Guarded(nnz + spare, out_value)
     emulated.gather_csr_to_csr(**ON_DEVICE, **m.args(), **rows_args(rows), out_indptr=indptr.data_ptr(),
-                               out_indices=indices.data_ptr(), out_indices_dtype=out_index,
-                               out_values=values.data_ptr(), out_values_dtype=out_value, out_nnz=nnz)
-    return indptr, indices, values, slot
+                               out_indices=indices.address, out_indices_dtype=out_index,
+                               out_values=values.address, out_values_dtype=out_value, out_nnz=nnz)
+    return indptr, indices.inside(), values.inside(), slot
 
 
 def dense_reference(m: Csr, rows: torch.Tensor, out_dtype: str) -> torch.Tensor:
@@ -282,12 +297,12 @@ def test_csr_to_csr_skips_bad_rows():
 
 
 def dense_gather(src: torch.Tensor, rows: torch.Tensor, out_dtype: str) -> tuple[torch.Tensor, int]:
-    out = empty_poisoned((rows.shape[0], src.shape[1]), out_dtype)
+    out = Guarded((rows.shape[0], src.shape[1]), out_dtype)
     slot = fresh_slot()
     emulated.gather_dense(**ON_DEVICE, values=src.data_ptr(), values_dtype=name(src), n_rows=src.shape[0],
-                          n_cols=src.shape[1], row_stride=src.stride(0), **rows_args(rows), out=out.data_ptr(),
+                          n_cols=src.shape[1], row_stride=src.stride(0), **rows_args(rows), out=out.address,
                           out_dtype=out_dtype, bad_position=slot.data_ptr())
-    return out, int(slot)
+    return out.inside(), int(slot)
 
 
 def random_dense(rng, n_rows: int, n_cols: int, dtype: str, row_padding: int = 0) -> torch.Tensor:
@@ -349,10 +364,11 @@ def test_plan_groups_narrow_fields_and_gathers_every_field():
     assert len(plan) == 1 + len(fields) and plan.n_rows == n_rows
 
     rows = tensor(np.r_[rng.integers(0, n_rows, 30), n_rows + 3, rng.integers(0, n_rows, 5)])
-    outputs = [empty_poisoned((len(rows), m.n_cols), "float32")]
-    outputs += [empty_poisoned((len(rows), src.shape[1]), out_dtype) for src, out_dtype in fields]
+    guarded = [Guarded((len(rows), m.n_cols), "float32")]
+    guarded += [Guarded((len(rows), src.shape[1]), out_dtype) for src, out_dtype in fields]
     slot = fresh_slot()
-    plan.gather(0, 0, **rows_args(rows), outputs=[o.data_ptr() for o in outputs], bad_position=slot.data_ptr())
+    plan.gather(0, 0, **rows_args(rows), outputs=[g.address for g in guarded], bad_position=slot.data_ptr())
+    outputs = [g.inside() for g in guarded]
 
     assert int(slot) == 30
     good = torch.cat([torch.arange(30), torch.arange(31, 36)])
@@ -371,15 +387,15 @@ def csc_to_csr(csc: Csr, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch
     nnz = csc.indices.shape[0]
     workspace_bytes = emulated.csc_to_csr_workspace_bytes(0, n_rows, nnz)
     workspace = torch.full((max(workspace_bytes, 1),), 0xAB, dtype=torch.uint8)
-    out_indptr = empty_poisoned(n_rows + 1, "int64")
-    out_indices = torch.full_like(csc.indices, 77)
-    out_values = torch.full_like(csc.values, 99)
+    out_indptr = Guarded(n_rows + 1, "int64")
+    out_indices = Guarded(nnz, name(csc.indices))
+    out_values = Guarded(nnz, name(csc.values))
     slot = fresh_slot()
     args = {**csc.args(), "n_rows": n_rows, "n_cols": csc.n_rows}
     emulated.csc_to_csr(**ON_DEVICE, **args, workspace=workspace.data_ptr(), workspace_bytes=workspace_bytes,
-                        out_indptr=out_indptr.data_ptr(), out_indices=out_indices.data_ptr(),
-                        out_values=out_values.data_ptr(), bad_position=slot.data_ptr())
-    return out_indptr, out_indices, out_values, int(slot)
+                        out_indptr=out_indptr.address, out_indices=out_indices.address,
+                        out_values=out_values.address, bad_position=slot.data_ptr())
+    return out_indptr.inside(), out_indices.inside(), out_values.inside(), int(slot)
 
 
 def random_csc(rng, n_rows, n_cols, density, value_dtype, index_dtype, indptr_dtype, *, unsorted=False) -> Csr:

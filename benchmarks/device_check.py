@@ -11,14 +11,22 @@ failures are left for the device run.
 Every kernel output is poisoned before the kernel runs, so rows a kernel forgot to write show.
 Timings use CUDA events on the current stream; each ratio is against a roof measured in the same
 run: a device-to-device copy for resident data, a pinned host-to-device copy for pinned data.
+
+With ``--out``, device_check.json is rewritten after every section (kernels, loaders, gathers,
+loop) with what is known so far, its ``completed_sections`` and ``section_seconds``; on SIGTERM
+(the ``timeout`` of device_run.sh) it is written once more, with the partial section and
+``interrupted``, so a run cut short still returns its results.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +86,36 @@ def poison(shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
-def check_kernels(device: torch.device, rng: np.random.Generator, quick: bool) -> list[str]:
-    failures: list[str] = []
+def _check_csr_case(m: RawCsr, rows: np.ndarray, device: torch.device, label: str, failures: list[str]) -> None:
+    """CSR -> dense into every output dtype and CSR -> CSR, for one matrix and row selection."""
+    n_cols = m.shape[1]
+    d = dict(indptr=torch.from_numpy(m.indptr).to(device),
+             indices=torch.from_numpy(m.indices).to(device),
+             values=torch.from_numpy(m.data).to(device))
+    r = torch.from_numpy(rows).to(device)
+    reference = reference_dense(m, rows, torch.float64)  # exact: computed once, cast per output dtype
+    for out_dtype in OUTPUT_DTYPES:
+        out = poison((len(rows), n_cols), out_dtype, device)
+        kernels.gather_csr_to_dense(d["indptr"], d["indices"], d["values"], n_cols, r, out)
+        if not torch.equal(out.cpu(), reference.to(out_dtype)):
+            failures.append(f"csr->dense {label} -> {out_dtype}")
+    # CSR -> CSR
+    out_indptr = torch.full((len(rows) + 1,), -1, dtype=torch.int64, device=device)
+    kernels.csr_batch_indptr(d["indptr"], r, out_indptr)
+    nnz = int(out_indptr[-1].item())
+    out_idx = torch.full((nnz,), -1, dtype=torch.int32, device=device)
+    out_val = poison((nnz,), torch.float32, device)
+    kernels.gather_csr_to_csr(d["indptr"], d["indices"], d["values"], n_cols, r, out_indptr, out_idx, out_val)
+    got = sp.csr_matrix((out_val.cpu().numpy(), out_idx.cpu().numpy(), out_indptr.cpu().numpy()),
+                        shape=(len(rows), n_cols)).toarray()
+    if not np.array_equal(got, reference.to(torch.float32).numpy()):
+        failures.append(f"csr->csr {label}")
+
+
+def check_kernels(device: torch.device, rng: np.random.Generator, quick: bool,
+                  failures: list[str] | None = None) -> list[str]:
+    """Every kernel against scipy; failures are appended to ``failures`` as they are found."""
+    failures = [] if failures is None else failures
     shapes = [(50, 300, 0.1), (1, 70, 0.5), (200, 1000, 0.02)] if not quick else [(50, 300, 0.1)]
     for n_rows, n_cols, density in shapes:
         for value_dtype in VALUE_DTYPES:
@@ -88,28 +124,11 @@ def check_kernels(device: torch.device, rng: np.random.Generator, quick: bool) -
                     m = random_csr(rng, n_rows, n_cols, density, value_dtype, index_dtype, indptr_dtype)
                     rows = rng.integers(0, n_rows, 2 * n_rows).astype(np.int64)
                     rows[: min(3, len(rows))] = min(1, n_rows - 1)  # repeated rows, the empty one
-                    d = dict(indptr=torch.from_numpy(m.indptr).to(device),
-                             indices=torch.from_numpy(m.indices).to(device),
-                             values=torch.from_numpy(m.data).to(device))
-                    r = torch.from_numpy(rows).to(device)
-                    for out_dtype in OUTPUT_DTYPES:
-                        out = poison((len(rows), n_cols), out_dtype, device)
-                        kernels.gather_csr_to_dense(d["indptr"], d["indices"], d["values"], n_cols, r, out)
-                        if not torch.equal(out.cpu(), reference_dense(m, rows, out_dtype)):
-                            failures.append(f"csr->dense {value_dtype.__name__}/{index_dtype.__name__}/"
-                                            f"{indptr_dtype.__name__} -> {out_dtype} shape {m.shape}")
-                    # CSR -> CSR
-                    out_indptr = torch.full((len(rows) + 1,), -1, dtype=torch.int64, device=device)
-                    kernels.csr_batch_indptr(d["indptr"], r, out_indptr)
-                    nnz = int(out_indptr[-1].item())
-                    out_idx = torch.full((nnz,), -1, dtype=torch.int32, device=device)
-                    out_val = poison((nnz,), torch.float32, device)
-                    kernels.gather_csr_to_csr(d["indptr"], d["indices"], d["values"], n_cols, r,
-                                              out_indptr, out_idx, out_val)
-                    got = sp.csr_matrix((out_val.cpu().numpy(), out_idx.cpu().numpy(), out_indptr.cpu().numpy()),
-                                        shape=(len(rows), n_cols)).toarray()
-                    if not np.array_equal(got, reference_dense(m, rows, torch.float32).numpy()):
-                        failures.append(f"csr->csr {value_dtype.__name__}/{index_dtype.__name__} shape {m.shape}")
+                    label = f"{value_dtype.__name__}/{index_dtype.__name__}/{indptr_dtype.__name__} shape {m.shape}"
+                    try:  # one case raising (an unsupported dtype, say) leaves the others checked
+                        _check_csr_case(m, rows, device, label, failures)
+                    except Exception as exc:  # noqa: BLE001 (recorded, and the rest still runs)
+                        failures.append(f"csr {label} raised {type(exc).__name__}: {exc}")
     # Dense -> dense, with a row stride.
     src = torch.from_numpy(rng.standard_normal((100, 64)).astype(np.float32)).to(device)[:, 8:40]
     rows = torch.from_numpy(rng.integers(0, 100, 77)).to(device)
@@ -146,13 +165,36 @@ def _dense(value):
     return value.to_dense() if isinstance(value, torch.Tensor) and value.layout != torch.strided else value
 
 
-def check_loaders(device: torch.device, quick: bool) -> list[str]:
-    """Whole loader batches on device against the CPU loader's, over many configurations.
+def loader_configs(x_format: str, device: torch.device) -> list[tuple[bool, object, list[tuple[str, bool]]]]:
+    """The distinct whole-loader configurations for one X format: (sparse output, dtypes,
+    [(residency, prefetch), ...]); the CPU loader's batches are computed once per (sparse output,
+    dtypes) and compared with every residency's.
+
+    Left out as duplicates of a configuration kept: ``load_sparse_tensor=True`` with a dense X
+    (a field's sparse output is ``load_sparse_tensor and`` a sparse source, see ``Field``; the
+    other fields here are dense too) and residency "host" without prefetch (prefetching applies
+    only where the CUDA kernels gather: residency "device" or "pinned"; so also on the CPU).
+    """
+    sparse_outs = (False, True) if x_format != "dense" else (False,)
+    dtype_sets = (None, {"X": np.float16, "batch": np.int32, "pcs": np.float64})
+    if device.type == "cuda":
+        placements = [("device", True), ("device", False), ("pinned", True), ("pinned", False), ("host", True)]
+    else:
+        placements = [("host", True)]
+    return [(sparse_out, dtypes, placements) for sparse_out in sparse_outs for dtypes in dtype_sets]
+
+
+def check_loaders(device: torch.device, quick: bool, failures: list[str] | None = None,
+                  stats: dict | None = None) -> list[str]:
+    """Whole loader batches on device against the CPU loader's, over every distinct configuration.
 
     Outputs are poisoned through torch itself: with deterministic algorithms on, torch.empty
     fills new memory with NaN (floats) or the largest integer, so a row or field the GPU path
-    forgot to write cannot pass.
+    forgot to write cannot pass. Failures are appended to ``failures`` as they are found;
+    ``stats`` (if given) gets the number of configurations compared.
     """
+    failures = [] if failures is None else failures
+    stats = {} if stats is None else stats
     try:
         import anndata as ad
         import pandas as pd
@@ -160,8 +202,8 @@ def check_loaders(device: torch.device, quick: bool) -> list[str]:
         from annloader_gpu.loader import AnnDataLoader
         from annloader_gpu.registry import setup_anndata
     except ImportError as exc:
-        return [f"loader check skipped: {exc}"]
-    failures: list[str] = []
+        failures.append(f"loader check skipped: {exc}")
+        return failures
     rng = np.random.default_rng(7)
     n_obs, n_vars = (300, 50) if quick else (3000, 700)
     counts = sp.random(n_obs, n_vars, density=0.1, format="csr", random_state=rng, dtype=np.float32)
@@ -174,6 +216,7 @@ def check_loaders(device: torch.device, quick: bool) -> list[str]:
     poisoned = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
+    stats["configurations"] = stats["cpu_references"] = 0
     try:
         for x_format in ("csr", "csc", "dense"):
             x = counts if x_format == "csr" else (counts.tocsc() if x_format == "csc" else counts.toarray())
@@ -181,30 +224,40 @@ def check_loaders(device: torch.device, quick: bool) -> list[str]:
             adata.obsm["pcs"] = rng.standard_normal((n_obs, 6)).astype(np.float32)
             registry = setup_anndata(adata, batch_key="batch", labels_key="cell_type",
                                      continuous_covariate_keys=["age", "size"], obsm_keys=["pcs"])
-            for residency in (("device", "pinned", "host") if device.type == "cuda" else ("host",)):
-                for sparse_out in (False, True):
-                    for prefetch in (True, False):
-                        for dtypes in (None, {"X": np.float16, "batch": np.int32, "pcs": np.float64}):
-                            kwargs = dict(batch_size=64, shuffle=True, load_sparse_tensor=sparse_out,
-                                          data_and_attributes=dtypes, drop_last=False)
-                            torch.manual_seed(3)
-                            expected = list(AnnDataLoader(registry, device="cpu", **kwargs))
-                            torch.manual_seed(3)
-                            got = list(AnnDataLoader(registry, device=device, residency=residency,
-                                                     prefetch=prefetch, **kwargs))
-                            if device.type == "cuda":
-                                torch.cuda.synchronize(device)
-                            name = (f"loader {x_format} residency={residency} sparse={sparse_out} "
-                                    f"prefetch={prefetch} dtypes={dtypes}")
-                            if len(got) != len(expected):
-                                failures.append(f"{name}: {len(got)} batches, expected {len(expected)}")
-                                continue
-                            for i, (g, e) in enumerate(zip(got, expected)):
-                                for key in e:
-                                    a, b = _dense(g[key]).cpu(), _dense(e[key])
-                                    if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
-                                        failures.append(f"{name}: batch {i} field {key} differs")
-                                        break
+            for sparse_out, dtypes, placements in loader_configs(x_format, device):
+                kwargs = dict(batch_size=64, shuffle=True, load_sparse_tensor=sparse_out,
+                              data_and_attributes=dtypes, drop_last=False)
+                # The same seed before each loader is built and drained: the same shuffle.
+                torch.manual_seed(3)
+                try:
+                    expected = list(AnnDataLoader(registry, device="cpu", **kwargs))
+                except Exception as exc:  # noqa: BLE001 (recorded, and the rest still runs)
+                    failures.append(f"loader {x_format} sparse={sparse_out} dtypes={dtypes}: the CPU loader "
+                                    f"raised {type(exc).__name__}: {exc}")
+                    continue
+                stats["cpu_references"] += 1
+                for residency, prefetch in placements:
+                    name = (f"loader {x_format} residency={residency} sparse={sparse_out} "
+                            f"prefetch={prefetch} dtypes={dtypes}")
+                    stats["configurations"] += 1
+                    torch.manual_seed(3)
+                    try:  # one configuration raising leaves the others checked
+                        got = list(AnnDataLoader(registry, device=device, residency=residency,
+                                                 prefetch=prefetch, **kwargs))
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                    except Exception as exc:  # noqa: BLE001 (recorded, and the rest still runs)
+                        failures.append(f"{name}: raised {type(exc).__name__}: {exc}")
+                        continue
+                    if len(got) != len(expected):
+                        failures.append(f"{name}: {len(got)} batches, expected {len(expected)}")
+                        continue
+                    for i, (g, e) in enumerate(zip(got, expected)):
+                        for key in e:
+                            a, b = _dense(g[key]).cpu(), _dense(e[key])
+                            if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+                                failures.append(f"{name}: batch {i} field {key} differs")
+                                break
     finally:
         torch.utils.deterministic.fill_uninitialized_memory = poisoned
         torch.use_deterministic_algorithms(False)
@@ -271,16 +324,18 @@ def pinned_h2d_roof(device: torch.device, nbytes: int, timer: Timer) -> float:
     return nbytes / timer(lambda: dev.copy_(host, non_blocking=True), 10)
 
 
-def time_gathers(device: torch.device, args, timer: Timer) -> dict:
+def time_gathers(device: torch.device, args, timer: Timer, results: dict | None = None) -> dict:
+    """Kernel timings; ``results`` (if given) is filled in place as they come."""
+    results = {} if results is None else results
     t0 = time.perf_counter()
     indptr, indices, values = synthetic_csr_on(device, args.n_obs, args.n_vars, 1500, 0)
     build_s = time.perf_counter() - t0
     nnz = len(indices)
     compact = (indptr.to(torch.int32 if nnz < 2**31 else torch.int64), indices.to(torch.uint16) if args.n_vars <= 65536 else indices,
                values.to(torch.uint16))
-    results: dict = {"n_obs": args.n_obs, "n_vars": args.n_vars, "nnz": nnz,
-                     "nnz_per_cell": nnz / args.n_obs, "build_s": build_s}
-    roof = copy_roof(device, 1 << 30, timer)
+    results.update({"n_obs": args.n_obs, "n_vars": args.n_vars, "nnz": nnz,
+                    "nnz_per_cell": nnz / args.n_obs, "build_s": build_s})
+    roof = copy_roof(device, args.roof_bytes, timer)
     results["copy_roof_GBps"] = roof / 1e9
     log(f"matrix {args.n_obs} x {args.n_vars}, {nnz / args.n_obs:.0f} nnz/cell, built in {build_s:.1f} s; "
         f"copy roof {roof / 1e9:.0f} GB/s (read+write)")
@@ -331,17 +386,53 @@ def time_gathers(device: torch.device, args, timer: Timer) -> dict:
     return results
 
 
-def time_loader_loop(device: torch.device, args) -> dict:
-    """End-to-end `for batch in loader` against scvi-tools' loader (or the scipy path) moving to device."""
+def synthetic_counts_adata(device: torch.device, n_obs: int, n_vars: int, seed: int):
+    """An AnnData with a CSR count matrix drawn on device (synthetic_csr_on: well under a second
+    on a GPU for 50,000 x 20,000, against ~13 s for annloader_gpu.synthetic on a CPU), and
+    categorical obs "batch" (4) and "labels" (8)."""
+    import anndata as ad
+    import pandas as pd
+
+    indptr, indices, values = synthetic_csr_on(device, n_obs, n_vars, 1500, seed)
+    x = sp.csr_matrix((values.cpu().numpy(), indices.cpu().numpy(), indptr.cpu().numpy()), shape=(n_obs, n_vars))
+    rng = np.random.default_rng(seed)
+    obs = pd.DataFrame({"batch": pd.Categorical.from_codes(rng.integers(0, 4, n_obs), [f"b{i}" for i in range(4)]),
+                        "labels": pd.Categorical.from_codes(rng.integers(0, 8, n_obs), [f"l{i}" for i in range(8)])},
+                       index=pd.Index([f"c{i}" for i in range(n_obs)]))
+    return ad.AnnData(X=x, obs=obs)
+
+
+def time_loader_loop(device: torch.device, args, results: dict | None = None) -> dict:
+    """End-to-end `for batch in loader` against scvi-tools' loader (or the scipy path) moving to
+    device. ``results`` (if given) is filled in place as they come."""
+    results = {} if results is None else results
     try:
+        import anndata  # noqa: F401
+        import pandas  # noqa: F401
+
         from annloader_gpu.loader import AnnDataLoader
         from annloader_gpu.registry import setup_anndata
-        from annloader_gpu.synthetic import make_counts_adata
     except ImportError as exc:
-        return {"skipped": f"loader not importable: {exc}"}
-    adata = make_counts_adata(args.loop_n_obs, args.n_vars, seed=0)
+        results["skipped"] = f"loader not importable: {exc}"
+        return results
+    t0 = time.perf_counter()
+    adata = synthetic_counts_adata(device, args.loop_n_obs, args.n_vars, seed=2)
+    results.update({"n_obs": args.loop_n_obs, "n_vars": args.n_vars, "nnz_per_cell": adata.X.nnz / args.loop_n_obs,
+                    "build_s": time.perf_counter() - t0})
     registry = setup_anndata(adata, batch_key="batch", labels_key="labels")
-    results: dict = {"n_obs": args.loop_n_obs}
+    # scvi-tools' side, set up once for all batch sizes (on a copy: setup_anndata adds obs columns).
+    try:
+        import scvi  # noqa: F401
+        from scvi.dataloaders import AnnDataLoader as ScviLoader
+        from scvi.model import SCVI
+
+        ref = adata.copy()
+        SCVI.setup_anndata(ref, batch_key="batch", labels_key="labels")
+        manager = SCVI._get_most_recent_anndata_manager(ref, required=True)
+        name = "scvi"
+    except ImportError:
+        manager = None
+        name = "scipy_path"
 
     def drain(loader) -> float:
         t0 = time.perf_counter()
@@ -381,19 +472,10 @@ def time_loader_loop(device: torch.device, args) -> dict:
             log(f"  loop b{batch_size}: without prefetch "
                 f"{results[f'ours_no_prefetch_b{batch_size}'] / 1e6:.2f} M cells/s, shuffled on the GPU "
                 f"{results[f'ours_gpu_shuffle_b{batch_size}'] / 1e6:.2f} M cells/s")
-        try:
-            import scvi  # noqa: F401
-            from scvi.dataloaders import AnnDataLoader as ScviLoader
-            from scvi.model import SCVI
-
-            ref = adata.copy()
-            SCVI.setup_anndata(ref, batch_key="batch", labels_key="labels")
-            manager = SCVI._get_most_recent_anndata_manager(ref, required=True)
+        if manager is not None:
             theirs = ScviLoader(manager, batch_size=batch_size, shuffle=True)
-            name = "scvi"
-        except ImportError:
+        else:
             theirs = _scipy_baseline(adata, batch_size)
-            name = "scipy_path"
         results[f"{name}_b{batch_size}"] = drain(theirs)
         ratio = results[f"ours_b{batch_size}"] / results[f"{name}_b{batch_size}"]
         log(f"  loop b{batch_size}: ours {results[f'ours_b{batch_size}'] / 1e6:.2f} M cells/s, "
@@ -410,6 +492,52 @@ def _scipy_baseline(adata, batch_size):
         yield {"X": torch.from_numpy(x[idx].toarray())}
 
 
+class Report:
+    """device_check.json, rewritten after every section with what is known so far (and once more
+    on SIGTERM), so that a run stopped by its time cap still returns what it measured."""
+
+    def __init__(self, path: Path | None, data: dict):
+        self.path, self.data = path, data
+        data.update({"completed_sections": [], "section_seconds": {}, "section_errors": {},
+                     "correctness_failures": []})
+        self.section: str | None = None
+        self._t0 = 0.0
+
+    def run(self, section: str, fn) -> None:
+        """Runs one section and saves; an exception is recorded (section_errors) and the next
+        section still runs (a one-shot lease should return all it can)."""
+        self.section, self._t0 = section, time.perf_counter()
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 (recorded, and the next section still runs)
+            self.data["section_errors"][section] = traceback.format_exc()
+            log(f"section {section} raised:\n{traceback.format_exc()}")
+        else:
+            self.data["completed_sections"].append(section)
+        self.data["section_seconds"][section] = round(time.perf_counter() - self._t0, 2)
+        self.section = None
+        self.save()
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Written in place (a few kB in one write): a temporary file beside it could be left in
+        # $OUT, whose files are counted, by a SIGKILL.
+        self.path.write_text(json.dumps(self.data, indent=1, default=str))
+
+    def on_signal(self, signum, frame) -> None:
+        if self.section is not None:
+            self.data["interrupted"] = (f"signal {signum} during section {self.section!r} after "
+                                        f"{time.perf_counter() - self._t0:.1f} s (its results are partial)")
+        try:
+            self.save()
+        finally:
+            log(f"device_check: stopped by signal {signum} in section {self.section!r}; "
+                f"completed: {self.data['completed_sections']}")
+            os._exit(128 + signum)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="folder for device_check.json")
@@ -421,29 +549,38 @@ def main(argv=None) -> int:
     parser.add_argument("--n-vars", type=int, default=20_000)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
     args = parser.parse_args(argv)
+    args.roof_bytes = 1 << 30
     if args.quick:
         args.n_obs, args.loop_n_obs = min(args.n_obs, 5_000), min(args.loop_n_obs, 3_000)
+        args.roof_bytes = 1 << 26
     device = torch.device(args.device)
-    report: dict = {"build_info": annloader_gpu.build_info(), "device": str(device)}
+    data: dict = {"build_info": annloader_gpu.build_info(), "device": str(device), "args": dict(vars(args))}
     if device.type == "cuda":
-        report["gpu"] = torch.cuda.get_device_name(device)
-    log(json.dumps(report["build_info"]))
+        data["gpu"] = torch.cuda.get_device_name(device)
+    log(json.dumps(data["build_info"]))
+    report = Report(args.out / "device_check.json" if args.out is not None else None, data)
+    signal.signal(signal.SIGTERM, report.on_signal)
+    report.save()
+    failures = data["correctness_failures"]  # appended to in place by the checks
     rng = np.random.default_rng(0)
-    failures = check_kernels(device, rng, quick=args.quick or args.sanitize_case)
+    report.run("kernels", lambda: check_kernels(device, rng, quick=args.quick or args.sanitize_case,
+                                                failures=failures))
     if not args.sanitize_case:
-        failures += check_loaders(device, quick=args.quick)
-    report["correctness_failures"] = failures
+        data["loader_check"] = {}
+        report.run("loaders", lambda: check_loaders(device, quick=args.quick, failures=failures,
+                                                    stats=data["loader_check"]))
     log(f"correctness: {'OK' if not failures else f'{len(failures)} FAILURES'}")
     for f in failures:
         log("  FAIL", f)
     if not args.sanitize_case:
         timer = Timer(device)
-        report["gathers"] = time_gathers(device, args, timer)
-        report["loop"] = time_loader_loop(device, args)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "device_check.json").write_text(json.dumps(report, indent=1, default=str))
-    return 1 if failures else 0
+        data["gathers"], data["loop"] = {}, {}
+        report.run("gathers", lambda: time_gathers(device, args, timer, data["gathers"]))
+        report.run("loop", lambda: time_loader_loop(device, args, data["loop"]))
+    log(f"sections (s): {data['section_seconds']}")
+    if data["section_errors"]:
+        log(f"sections that raised: {', '.join(data['section_errors'])}")
+    return 1 if failures or data["section_errors"] else 0
 
 
 if __name__ == "__main__":

@@ -1,16 +1,16 @@
-"""Page-locked host copies for ``residency="pinned"``, exactly as large as the data.
+"""Page-locked host copies for ``residency="pinned"``, as large as the data (in whole pages).
 
 torch's ``tensor.pin_memory()`` goes through its caching host allocator, which rounds every
 request up to a power of two and keeps freed blocks for reuse: a 40 GB matrix would hold 64 GB
 of page-locked memory, and keep holding it after the last loader is gone. Here each array is
-copied into a numpy buffer of its exact size, registered with ``cudaHostRegister`` (the CUDA
-kernels then read it in place), and unregistered just before that buffer is freed: the
-finalizer sits on the numpy array that owns the memory, which every torch view of it keeps
-alive.
+copied into page-aligned whole pages of a numpy buffer, registered with ``cudaHostRegister``
+(the CUDA kernels then read it in place), and unregistered just before that buffer is freed:
+the finalizer sits on the numpy array that owns the memory, which every torch view keeps alive.
 """
 
 from __future__ import annotations
 
+import mmap
 import threading
 import weakref
 from types import ModuleType
@@ -41,15 +41,21 @@ def pinned_copy(array: np.ndarray | torch.Tensor, device: torch.device, *,
         return torch.empty(source.shape, dtype=source.dtype)
     cuda = cuda_module if cuda_module is not None else require_cuda_module()
     index = device.index if device.index is not None else torch.cuda.current_device()
-    buffer = np.empty(nbytes, dtype=np.uint8)
-    copy = torch.from_numpy(buffer).view(source.dtype).view(source.shape)
+    # Whole pages, page-aligned (older drivers insist on it; at most two pages more than the data).
+    page = mmap.PAGESIZE
+    span = -(-nbytes // page) * page
+    owner = np.empty(span + page, dtype=np.uint8)
+    start = -owner.ctypes.data % page
+    region = owner[start:start + span]
+    copy = torch.from_numpy(region[:nbytes]).view(source.dtype).view(source.shape)
     copy.copy_(source)
-    address = buffer.ctypes.data
-    cuda.host_register(index, address, nbytes)
+    address = region.ctypes.data
+    cuda.host_register(index, address, span)
     with _lock:
-        _registered[address] = nbytes
-    # Not at interpreter exit: the process's memory goes with it, and CUDA may be torn down.
-    weakref.finalize(buffer, _unregister, cuda, index, address).atexit = False
+        _registered[address] = span
+    # On the array that owns the memory, which every view (numpy or torch) keeps alive. Not at
+    # interpreter exit: the process's memory goes with it, and CUDA may be torn down.
+    weakref.finalize(owner, _unregister, cuda, index, address).atexit = False
     return copy
 
 

@@ -8,6 +8,7 @@ overlapping range, or unregistering an address that is not registered, fails as 
 from __future__ import annotations
 
 import gc
+import mmap
 
 import numpy as np
 import pytest
@@ -47,7 +48,10 @@ def test_copy_is_equal_exactly_sized_and_readable(array):
     expected = torch.as_tensor(array)
     assert copy.dtype == expected.dtype and copy.shape == expected.shape and copy.is_contiguous()
     assert torch.equal(copy, expected)
-    assert pinned.registered_bytes() - before == expected.numel() * expected.element_size()  # no rounding up
+    nbytes = expected.numel() * expected.element_size()
+    # Whole pages, page-aligned: not a power of two.
+    assert pinned.registered_bytes() - before == -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    assert copy.data_ptr() % mmap.PAGESIZE == 0
     assert pinned.readable_by_cuda(copy) and pinned.readable_by_cuda(copy[1:])
 
 
@@ -57,7 +61,7 @@ def test_registration_lasts_while_any_view_lives():
     view = copy[10:20].view(torch.int32)
     del copy
     gc.collect()
-    assert pinned.registered_bytes() == 400 and pinned.readable_by_cuda(view)
+    assert pinned.registered_bytes() == mmap.PAGESIZE and pinned.readable_by_cuda(view)
     del view
     gc.collect()
     assert pinned.registered_bytes() == 0
@@ -99,7 +103,11 @@ def test_storage_placed_in_pinned_memory_is_released_with_its_last_user():
     dense = DenseStorage(np.arange(50 * 3, dtype=np.int64).reshape(50, 3))
     placed, placed_dense = storage.to(CUDA0, pin=True), dense.to(CUDA0, pin=True)
     assert storage.to(CUDA0, pin=True) is placed  # shared while held
-    assert pinned.registered_bytes() == placed.nbytes + placed_dense.nbytes == storage.nbytes + dense.nbytes
+    assert placed.nbytes + placed_dense.nbytes == storage.nbytes + dense.nbytes
+    arrays = (placed.indptr, placed.indices, placed.values, placed_dense.values)
+    pages = sum(-(-a.numel() * a.element_size() // mmap.PAGESIZE) for a in arrays)
+    del arrays
+    assert pinned.registered_bytes() == pages * mmap.PAGESIZE
     assert torch.equal(placed.values, torch.from_numpy(m.data))
     assert placed.indices.dtype == torch.uint16 and all(
         pinned.readable_by_cuda(a) for a in (placed.indptr, placed.indices, placed.values, placed_dense.values))

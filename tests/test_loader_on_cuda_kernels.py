@@ -27,6 +27,9 @@ from test_loader_inputs import *  # noqa: E402,F403
 
 
 @pytest.fixture(autouse=True)
-def _gathers_by_cuda_kernels(monkeypatch):
+def _gathers_by_cuda_kernels(request, monkeypatch):
+    if request.node.get_closest_marker("gpu"):
+        # GPU tests gather with the real CUDA module; they run once, in their own module.
+        pytest.skip("a GPU test: run in its own module, not again here")
     monkeypatch.setattr(kernels, "_core", _emulated_core)
     monkeypatch.setattr(gather_plan, "_core", _emulated_core)

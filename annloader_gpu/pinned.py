@@ -39,6 +39,8 @@ def pinned_copy(array: np.ndarray | torch.Tensor, device: torch.device, *,
     nbytes = source.numel() * source.element_size()
     if nbytes == 0:
         return torch.empty(source.shape, dtype=source.dtype)
+    if source.is_contiguous() and source.is_pinned():  # already page-locked: as pin_memory() did
+        return source
     cuda = cuda_module if cuda_module is not None else require_cuda_module()
     index = device.index if device.index is not None else torch.cuda.current_device()
     # Whole pages, page-aligned (older drivers insist on it; at most two pages more than the data).
@@ -50,7 +52,15 @@ def pinned_copy(array: np.ndarray | torch.Tensor, device: torch.device, *,
     copy = torch.from_numpy(region[:nbytes]).view(source.dtype).view(source.shape)
     copy.copy_(source)
     address = region.ctypes.data
-    cuda.host_register(index, address, span)
+    try:
+        cuda.host_register(index, address, span)
+    except RuntimeError as refused:
+        # Some systems refuse registration (virtualised GPUs, devices that cannot read registered
+        # memory through its host address); torch's own pinned allocator may still work there.
+        try:
+            return source.contiguous().pin_memory()
+        except RuntimeError as exc:
+            raise RuntimeError(f"could not page-lock {nbytes} bytes: {refused}; and pin_memory(): {exc}") from exc
     with _lock:
         _registered[address] = span
     # On the array that owns the memory, which every view (numpy or torch) keeps alive. Not at

@@ -242,10 +242,12 @@ def check_loaders(device: torch.device, quick: bool, failures: list[str] | None 
                     stats["configurations"] += 1
                     torch.manual_seed(3)
                     try:  # one configuration raising leaves the others checked
-                        got = list(AnnDataLoader(registry, device=device, residency=residency,
-                                                 prefetch=prefetch, **kwargs))
-                        if device.type == "cuda":
+                        loader = AnnDataLoader(registry, device=device, residency=residency, prefetch=prefetch,
+                                               **kwargs)
+                        got = list(loader)
+                        if device.type == "cuda":  # while the loader (and its placed data) still lives
                             torch.cuda.synchronize(device)
+                        del loader
                     except Exception as exc:  # noqa: BLE001 (recorded, and the rest still runs)
                         failures.append(f"{name}: raised {type(exc).__name__}: {exc}")
                         continue

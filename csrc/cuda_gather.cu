@@ -273,6 +273,15 @@ PYBIND11_MODULE(ANNLOADER_CUDA_MODULE, m) {
                                       std::to_string(bytes) + " bytes");
         }
         const cuda::DeviceGuard guard(device);
+        // The kernels read registered memory through its host address, which needs this.
+        int host_pointer_ok = 0;
+        cuda::check_cuda(cudaDeviceGetAttribute(&host_pointer_ok, cudaDevAttrCanUseHostPointerForRegisteredMem,
+                                                device),
+                         "cudaDeviceGetAttribute(CanUseHostPointerForRegisteredMem)");
+        if (!host_pointer_ok) {
+          throw std::runtime_error("cudaHostRegister: device " + std::to_string(device) +
+                                   " cannot read registered host memory through its host address");
+        }
         cuda::check_cuda(cudaHostRegister(as_ptr(address), static_cast<size_t>(bytes),
                                           cudaHostRegisterPortable | cudaHostRegisterMapped),
                          ("cudaHostRegister of " + std::to_string(bytes) + " bytes").c_str());
@@ -282,6 +291,9 @@ PYBIND11_MODULE(ANNLOADER_CUDA_MODULE, m) {
       "host_unregister",
       [](int device, uintptr_t address) {
         const cuda::DeviceGuard guard(device);
+        // Gathers from this memory may still be queued (the prefetch stream, or a loader dropped
+        // mid-epoch); the memory is freed right after, so they must finish first. Only at teardown.
+        cuda::check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize before cudaHostUnregister");
         cuda::check_cuda(cudaHostUnregister(as_ptr(address)), "cudaHostUnregister");
       },
       py::arg("device"), py::arg("address"));

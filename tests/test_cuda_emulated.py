@@ -407,9 +407,10 @@ def random_csc(rng, n_rows, n_cols, density, value_dtype, index_dtype, indptr_dt
 # Value widths 1, 2, 4 and 8 bytes: the scatter moves values as same-width unsigned integers.
 @pytest.mark.parametrize("value_dtype", ["uint8", "float16", "uint16", "float32", "int32", "float64", "int64"])
 @pytest.mark.parametrize("index_dtype,indptr_dtype", [("int32", "int64"), ("int64", "int32"), ("uint16", "int32")])
-def test_csc_to_csr_matches_scipy(value_dtype, index_dtype, indptr_dtype):
+@pytest.mark.parametrize("n_rows", [70, 300])  # row keys of 7 and 9 bits: the sort ends in either buffer
+def test_csc_to_csr_matches_scipy(value_dtype, index_dtype, indptr_dtype, n_rows):
     rng = np.random.default_rng(13)
-    n_rows, n_cols = 70, 45
+    n_cols = 45
     csc = random_csc(rng, n_rows, n_cols, 0.25, value_dtype, index_dtype, indptr_dtype, unsorted=True)
     indptr, indices, values, bad = csc_to_csr(csc, n_rows)
     assert bad == NO_BAD_ROW

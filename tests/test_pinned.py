@@ -87,8 +87,30 @@ def test_a_refused_registration_leaves_nothing_registered(monkeypatch):
             raise RuntimeError("cudaHostRegister of 40 bytes failed: cudaErrorMemoryAllocation")
 
     monkeypatch.setattr(pinned, "require_cuda_module", lambda: Refusing)
-    with pytest.raises(RuntimeError, match="cudaHostRegister"):
+    # torch's pin_memory() is the fallback; on this CPU-only torch it fails too, and both say why.
+    with pytest.raises(RuntimeError, match="could not page-lock 40 bytes: cudaHostRegister.*pin_memory"):
         pinned.pinned_copy(np.ones(10, np.float32), CUDA0)
+    assert pinned.registered_bytes() == 0
+
+
+def test_a_refused_registration_falls_back_to_torch_pinned_memory(monkeypatch):
+    class Refusing:
+        @staticmethod
+        def host_register(device, address, nbytes):
+            raise RuntimeError("cudaHostRegister: device 0 cannot read registered host memory")
+
+    monkeypatch.setattr(pinned, "require_cuda_module", lambda: Refusing)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self.clone().add_(1))  # stand-in, marked
+    source = np.arange(6, dtype=np.float32)
+    copy = pinned.pinned_copy(source, CUDA0)
+    assert torch.equal(copy, torch.from_numpy(source) + 1)
+    assert pinned.registered_bytes() == 0
+
+
+def test_already_pinned_tensors_are_used_as_they_are(monkeypatch):
+    tensor = torch.arange(5.0)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: self.data_ptr() == tensor.data_ptr())
+    assert pinned.pinned_copy(tensor, CUDA0) is tensor
     assert pinned.registered_bytes() == 0
 
 

@@ -109,6 +109,17 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
 
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+
+enum cudaDeviceAttr : int { cudaDevAttrCanUseHostPointerForRegisteredMem = 91 };
+
+// The emulated device reads host memory through host addresses, as an H100 on x86-64 does.
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int device) {
+  if (device != 0) return annloader::emulation::set_last_error(cudaErrorInvalidDevice);
+  *value = 1;
+  return cudaSuccess;
+}
+
 constexpr unsigned int cudaHostRegisterDefault = 0;
 constexpr unsigned int cudaHostRegisterPortable = 1;
 constexpr unsigned int cudaHostRegisterMapped = 2;
@@ -164,4 +175,5 @@ T atomicMin(T* address, T value) {
   return old;
 }
 
-inline void __syncthreads() { annloader::emulation::sync_block(); }
+// A macro, so that each barrier knows its call site: threads of a block must all reach the same one.
+#define __syncthreads() ::annloader::emulation::sync_block(__FILE__, __LINE__)

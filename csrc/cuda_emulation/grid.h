@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstring>
 #include <new>
 #include <stdexcept>
 #include <type_traits>
@@ -87,6 +88,8 @@ enum class Crossing { kRunning, kSyncthreads, kEnd };
 struct Fiber {
   ucontext_t context;
   Crossing reached = Crossing::kRunning;
+  const char* file = nullptr;  // the __syncthreads() reached, for kSyncthreads
+  int line = 0;
 };
 
 struct BlockRun {
@@ -99,10 +102,12 @@ struct BlockRun {
 
 inline thread_local BlockRun* running_block = nullptr;
 
-inline void sync_block() {
+inline void sync_block(const char* file, int line) {
   if (running_block == nullptr) throw std::logic_error("__syncthreads() outside an emulated kernel");
   Fiber& fiber = running_block->fibers[running_block->current];
   fiber.reached = Crossing::kSyncthreads;
+  fiber.file = file;
+  fiber.line = line;
   swapcontext(&fiber.context, &running_block->scheduler);
 }
 
@@ -137,20 +142,29 @@ inline void run_block(BlockRun& run, FiberStacks& stacks, dim3 block) {
     fiber.context.uc_link = &run.scheduler;
     makecontext(&fiber.context, fiber_entry, 0);
   }
+  // Odd blocks run their threads last to first: a missing __syncthreads() then shows whichever
+  // thread of a pair writes first.
+  const bool backwards = (blockIdx.x + blockIdx.y + blockIdx.z) % 2 == 1;
+  const size_t n = run.fibers.size();
   while (true) {
-    for (size_t t = 0; t < run.fibers.size(); ++t) {
+    for (size_t k = 0; k < n; ++k) {
+      const size_t t = backwards ? n - 1 - k : k;
       run.current = t;
       set_thread_index(t, block);
       run.fibers[t].reached = Crossing::kRunning;
       swapcontext(&run.scheduler, &run.fibers[t].context);
     }
-    const Crossing first = run.fibers.front().reached;
+    const Fiber& first = run.fibers.front();
     for (const Fiber& fiber : run.fibers) {
-      if (fiber.reached != first) {
+      const bool same = fiber.reached == first.reached &&
+                        (fiber.reached != Crossing::kSyncthreads ||
+                         (fiber.line == first.line && std::strcmp(fiber.file, first.file) == 0));
+      if (!same) {
         throw std::logic_error("emulated kernel: threads of a block reached different __syncthreads() calls");
       }
     }
-    if (first == Crossing::kEnd) return;
+    const Crossing reached = first.reached;
+    if (reached == Crossing::kEnd) return;
   }
 }
 

@@ -1,7 +1,7 @@
 // Emulation stand-in for cub::DeviceRadixSort::SortPairs over DoubleBuffers (see README.md in
-// this folder): a stable sort by the key bits [begin_bit, end_bit), written into the alternate
-// buffers, after which the selectors point at them, as a one-pass cub sort leaves them. Callers
-// must therefore read Current() afterwards, which is the contract cub documents.
+// this folder): a stable sort by the key bits [begin_bit, end_bit), left in the buffers an
+// 8-bits-per-pass sort would leave it in (the alternate ones after an odd number of passes).
+// Callers must therefore read Current() afterwards, which is the contract cub documents.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -50,8 +50,16 @@ struct DeviceRadixSort {
       keys.Alternate()[j] = keys.Current()[order[j]];
       values.Alternate()[j] = values.Current()[order[j]];
     }
-    keys.selector ^= 1;
-    values.selector ^= 1;
+    // One pass per 8 key bits, each ping-ponging the buffers: where the result ends up depends
+    // on the key width, so a caller that does not read Current() is wrong for some widths.
+    const int passes = (width + 7) / 8;
+    if (passes % 2 == 1) {
+      keys.selector ^= 1;
+      values.selector ^= 1;
+    } else {
+      std::copy(keys.Alternate(), keys.Alternate() + n, keys.Current());
+      std::copy(values.Alternate(), values.Alternate() + n, values.Current());
+    }
     return cudaSuccess;
   }
 };

@@ -80,26 +80,24 @@ def test_ordinary_host_memory_is_not_readable():
     assert not pinned.readable_by_cuda(torch.ones(4))
 
 
-def test_a_refused_registration_leaves_nothing_registered(monkeypatch):
-    class Refusing:
-        @staticmethod
-        def host_register(device, address, nbytes):
-            raise RuntimeError("cudaHostRegister of 40 bytes failed: cudaErrorMemoryAllocation")
+class _RefusingRegistration:
+    """A CUDA module whose cudaHostRegister fails, as on systems that cannot register memory."""
 
-    monkeypatch.setattr(pinned, "require_cuda_module", lambda: Refusing)
+    @staticmethod
+    def host_register(device, address, nbytes):
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: cudaErrorNotSupported")
+
+
+def test_a_refused_registration_leaves_nothing_registered(monkeypatch):
+    monkeypatch.setattr(pinned, "require_cuda_module", lambda: _RefusingRegistration)
     # torch's pin_memory() is the fallback; on this CPU-only torch it fails too, and both say why.
-    with pytest.raises(RuntimeError, match="could not page-lock 40 bytes: cudaHostRegister.*pin_memory"):
+    with pytest.raises(RuntimeError, match=r"could not page-lock 40 bytes: cudaHostRegister of \d+ bytes failed.*pin_memory"):
         pinned.pinned_copy(np.ones(10, np.float32), CUDA0)
     assert pinned.registered_bytes() == 0
 
 
 def test_a_refused_registration_falls_back_to_torch_pinned_memory(monkeypatch):
-    class Refusing:
-        @staticmethod
-        def host_register(device, address, nbytes):
-            raise RuntimeError("cudaHostRegister: device 0 cannot read registered host memory")
-
-    monkeypatch.setattr(pinned, "require_cuda_module", lambda: Refusing)
+    monkeypatch.setattr(pinned, "require_cuda_module", lambda: _RefusingRegistration)
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self.clone().add_(1))  # stand-in, marked
     source = np.arange(6, dtype=np.float32)
     copy = pinned.pinned_copy(source, CUDA0)

@@ -23,6 +23,26 @@ import torch
 import annloader_gpu
 from annloader_gpu._cuda_module import cuda_import_error, cuda_module_or_none
 
+
+def _load_emulated_module_override() -> None:
+    """ANNLOADER_CUDA_EMULATED_SO names another build of ``_cuda_emulated`` (sanitize_emulated.sh
+    builds one under AddressSanitizer) that the tests use instead of the installed one."""
+    import importlib.util
+    import os
+    import sys
+
+    path = os.environ.get("ANNLOADER_CUDA_EMULATED_SO")
+    if not path:
+        return
+    spec = importlib.util.spec_from_file_location("annloader_gpu._cuda_emulated", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["annloader_gpu._cuda_emulated"] = module
+    annloader_gpu._cuda_emulated = module
+
+
+_load_emulated_module_override()
+
 # --- devices --------------------------------------------------------------------------------
 
 GPU_USABLE: bool = annloader_gpu.gpu_usable()

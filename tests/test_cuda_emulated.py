@@ -41,6 +41,16 @@ except ImportError as exc:  # only where the build was configured with ANNLOADER
     pytest.skip(f"annloader_gpu was built without the CUDA emulation ({exc})", allow_module_level=True)
 
 NO_BAD_ROW = -1  # the slot's "all ones", which atomicMin replaces with any position
+
+
+def test_runs_the_build_it_was_asked_to():
+    """sanitize_emulated.sh points ANNLOADER_CUDA_EMULATED_SO at an instrumented build."""
+    import os
+
+    override = os.environ.get("ANNLOADER_CUDA_EMULATED_SO")
+    assert emulated.architectures == "emulated"
+    if override:
+        assert os.path.samefile(emulated.__file__, override)
 ON_DEVICE = dict(device=0, stream=0)
 
 

@@ -26,6 +26,29 @@ def test_pinned_host_matrix_gathers_on_gpu(_):
     assert torch.equal(out.cpu(), expected)
 
 
+@pytest.mark.parametrize("_", [pytest.param(None, marks=GPU_MARKS, id="cuda")])
+def test_registered_host_copies_gather_on_gpu_and_are_released(_):
+    """pinned.pinned_copy (cudaHostRegister, whole pages) is what residency="pinned" uses: the
+    kernels read it in place, and dropping it unregisters it after queued work has finished."""
+    import gc
+
+    from annloader_gpu import pinned as pinned_memory
+
+    m = _matrix(2)
+    device = torch.device("cuda", torch.cuda.current_device())
+    before = pinned_memory.registered_bytes()
+    arrays = [pinned_memory.pinned_copy(a, device) for a in (m.indptr, m.indices.astype(np.uint16), m.data)]
+    assert all(a.is_pinned() for a in arrays)  # torch sees registered memory as pinned too
+    assert pinned_memory.registered_bytes() > before
+    rows = torch.randint(0, 300, (129,), device="cuda")
+    out = torch.full((129, 500), float("nan"), device="cuda")
+    kernels.gather_csr_to_dense(*arrays, 500, rows, out)
+    del arrays  # released while the gather may still be queued: host_unregister waits for it
+    gc.collect()
+    assert pinned_memory.registered_bytes() == before
+    assert torch.equal(out.cpu(), torch.from_numpy(m[rows.cpu().numpy()].toarray()))
+
+
 def test_unpinned_host_arrays_beside_device_arrays_are_refused():
     m = _matrix()
     meta_rows = torch.empty(4, dtype=torch.int64, device="meta")

@@ -19,8 +19,10 @@
 #define __host__
 #define __forceinline__ inline
 // One variable per kernel instantiation, shared by the threads of the block being run; blocks
-// run one after another, so that is exactly a block's shared memory.
-#define __shared__ static
+// run one after another, so that is exactly a block's shared memory. All of them live in one
+// section, which run_block poisons before each block: on a GPU shared memory starts as garbage,
+// so a kernel that reads it before writing it must fail here too.
+#define __shared__ __attribute__((section("annloader_shared"))) static
 
 #define CUDART_VERSION 13000
 

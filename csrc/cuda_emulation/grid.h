@@ -118,6 +118,17 @@ inline void fiber_entry() {
   // Returning resumes the scheduler through uc_link.
 }
 
+// The bounds of the section every __shared__ variable is placed in (see cuda_runtime.h), from
+// the linker; null where no kernel declares shared memory.
+extern "C" char __start_annloader_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_annloader_shared[] __attribute__((weak, visibility("hidden")));
+
+inline void poison_shared_memory() {
+  if (__start_annloader_shared != nullptr) {
+    std::memset(__start_annloader_shared, 0xA5, static_cast<size_t>(__stop_annloader_shared - __start_annloader_shared));
+  }
+}
+
 // The limits CUDA enforces at launch (compute capability 9.0); a launcher that breaks one gets
 // cudaErrorInvalidConfiguration from its launch check, as it would on the GPU.
 inline bool valid_configuration(dim3 grid, dim3 block) {
@@ -133,6 +144,7 @@ inline void set_thread_index(size_t t, dim3 block) {
 
 // Runs one block to its end, round by round.
 inline void run_block(BlockRun& run, FiberStacks& stacks, dim3 block) {
+  poison_shared_memory();
   for (size_t t = 0; t < run.fibers.size(); ++t) {
     Fiber& fiber = run.fibers[t];
     fiber.reached = Crossing::kRunning;

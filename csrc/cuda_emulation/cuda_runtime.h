@@ -53,30 +53,39 @@ constexpr unsigned long long cudaEnableDefault = 0;
 
 inline cudaError_t cudaGetLastError() { return annloader::emulation::take_last_error<cudaError_t>(); }
 
-inline const char* cudaGetErrorName(cudaError_t e) {
-  switch (e) {
-    case cudaSuccess: return "cudaSuccess";
-    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
-    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
-    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
-    case cudaErrorHostMemoryAlreadyRegistered: return "cudaErrorHostMemoryAlreadyRegistered";
-    case cudaErrorHostMemoryNotRegistered: return "cudaErrorHostMemoryNotRegistered";
-    case cudaErrorNotSupported: return "cudaErrorNotSupported";
+// Each error's name and text, in one table for both lookups.
+struct EmulatedError {
+  cudaError_t code;
+  const char* name;
+  const char* text;
+};
+inline constexpr EmulatedError kEmulatedErrors[] = {
+    {cudaSuccess, "cudaSuccess", "no error"},
+    {cudaErrorInvalidValue, "cudaErrorInvalidValue", "invalid argument"},
+    {cudaErrorInvalidConfiguration, "cudaErrorInvalidConfiguration", "invalid configuration argument"},
+    {cudaErrorInvalidDevice, "cudaErrorInvalidDevice", "invalid device ordinal"},
+    {cudaErrorHostMemoryAlreadyRegistered, "cudaErrorHostMemoryAlreadyRegistered",
+     "part or all of the requested memory range is already mapped"},
+    {cudaErrorHostMemoryNotRegistered, "cudaErrorHostMemoryNotRegistered",
+     "pointer does not correspond to a registered memory region"},
+    {cudaErrorNotSupported, "cudaErrorNotSupported", "operation not supported"},
+};
+
+inline const EmulatedError* find_emulated_error(cudaError_t e) {
+  for (const EmulatedError& error : kEmulatedErrors) {
+    if (error.code == e) return &error;
   }
-  return "cudaErrorUnknown";
+  return nullptr;
+}
+
+inline const char* cudaGetErrorName(cudaError_t e) {
+  const EmulatedError* error = find_emulated_error(e);
+  return error != nullptr ? error->name : "cudaErrorUnknown";
 }
 
 inline const char* cudaGetErrorString(cudaError_t e) {
-  switch (e) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidValue: return "invalid argument";
-    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    case cudaErrorInvalidDevice: return "invalid device ordinal";
-    case cudaErrorHostMemoryAlreadyRegistered: return "part or all of the requested memory range is already mapped";
-    case cudaErrorHostMemoryNotRegistered: return "pointer does not correspond to a registered memory region";
-    case cudaErrorNotSupported: return "operation not supported";
-  }
-  return "unknown error";
+  const EmulatedError* error = find_emulated_error(e);
+  return error != nullptr ? error->text : "unknown error";
 }
 
 // One emulated device, index 0.

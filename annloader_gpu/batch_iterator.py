@@ -267,8 +267,14 @@ class BatchIterator:
         if self._pending is _NOT_STARTED:
             self._pending = self._prefetch()
         ready = self._pending
-        if isinstance(ready, BaseException):
-            raise ready  # exhausted (or failed) for good: it stays pending
+        if isinstance(ready, BaseException):  # exhausted (or failed) for good: it stays pending
+            try:
+                raise ready
+            finally:
+                # Raising attaches a traceback holding this frame, whose locals would tie the
+                # iterator to its own pending exception (Python >= 3.12 attaches it even when the
+                # caller, say list(), catches StopIteration): drop them, as concurrent.futures does.
+                self = ready = None  # noqa: PLW0642
         consumer = _current_stream(self._device)
         consumer.wait_stream(self._side_stream)  # ordered after this batch's gathers
         _record_stream(ready, consumer)

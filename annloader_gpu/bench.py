@@ -167,8 +167,11 @@ def load_data(path: str | None, *, n_obs: int = 200_000, n_vars: int = 20_000, s
 def x_matrix(adata, layer: str | None):
     if layer is None:
         return adata.X
-    if layer not in adata.layers:
-        raise BenchError(f"--layer {layer!r}: not in the data's layers ({', '.join(adata.layers) or 'none'})")
+    from .registry import named_layers
+
+    layers = named_layers(adata)
+    if layer not in layers:
+        raise BenchError(f"--layer {layer!r}: not in the data's layers ({', '.join(layers) or 'none'})")
     return adata.layers[layer]
 
 

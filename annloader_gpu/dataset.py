@@ -154,9 +154,11 @@ _sparse_beta_warning_passed = False
 
 @contextlib.contextmanager
 def _quiet_sparse_constructors():
-    """torch warns that sparse CSR/CSC support is in beta on first use; scvi-tools users see it too.
+    """torch warns on its first sparse CSR/CSC construction that the support is in beta and
+    (torch >= 2.11) that invariant checks are "implicitly disabled"; the loader passes
+    ``check_invariants=False`` explicitly, its kernels having built the structure.
 
-    The warning is issued once per process (TORCH_WARN_ONCE), so only the first construction
+    Each warning is issued once per process (TORCH_WARN_ONCE), so only the first construction
     needs catching; later ones skip catch_warnings' ~10 us per batch.
     """
     global _sparse_beta_warning_passed
@@ -165,6 +167,7 @@ def _quiet_sparse_constructors():
         return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*support is in beta.*")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
         yield
     _sparse_beta_warning_passed = True
 

@@ -384,18 +384,23 @@ def _as_key_list(keys: Sequence[str] | None, argument: str) -> list[str]:
     return keys
 
 
+def named_layers(adata: AnnData) -> list[str]:
+    """adata's layer names (anndata >= 0.13 also lists X itself, as the layer None)."""
+    return [key for key in adata.layers.keys() if key is not None]
+
+
 def _validated_x(adata: AnnData, layer: str | None) -> Any:
     if layer is None:
         if adata.X is None:
             raise ValueError(
                 "adata.X is None: X has no data to register. Pass layer=... naming one of "
-                f"adata.layers {list(adata.layers.keys())}, or set adata.X."
+                f"adata.layers {named_layers(adata)}, or set adata.X."
             )
         return _validated_matrix(adata.X, "adata.X", adata.n_obs)
-    if layer not in adata.layers:
+    if layer not in named_layers(adata):
         raise ValueError(
             f"layer {layer!r} not found in adata.layers; "
-            f"available layers: {list(adata.layers.keys())}."
+            f"available layers: {named_layers(adata)}."
         )
     return _validated_matrix(adata.layers[layer], f"adata.layers[{layer!r}]", adata.n_obs)
 

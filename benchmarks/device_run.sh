@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # The whole device lease in one call (see ../shared/device/README.md): build for sm_90, run the
 # device check with timings, the GPU-marked tests, an NCCL re-partition run, and memcheck under
-# compute-sanitizer. Prepare first, on this machine: ../shared/device/fetch-wheels.sh --scvi
+# compute-sanitizer. Prepare first, on this machine: bash benchmarks/fetch_device_wheels.sh
+# (and, to try the software without a GPU: bash benchmarks/device_twin.sh).
 # Device tool call: carry [".whl"], command "bash benchmarks/device_run.sh", timeout_s 540.
 #
 # Time: every step has its own cap, and none may run past DEADLINE (520 s after the start) less
 # the minimum kept for the steps after it, so the whole run ends within the 540 s command timeout
 # and a slow early step squeezes (or, below 10 s left, skips) the later, less important ones
-# instead of cutting the run off. Caps: wheels 60, nvidia-smi 20, build 200, build_info 30,
+# instead of cutting the run off. Caps: wheels 60, imports 40, nvidia-smi 20, build 200, build_info 30,
 # device_check 120, pytest 130, NCCL run 40, memcheck 90 for both runs together. A normal run
 # should need about 4-6 minutes (an estimate: never run on a GPU yet). DEVICE_RUN_DEADLINE=S
 # replaces the 520 (to try the squeezing in a rehearsal).
 # Output: the same 8 files in $OUT as ever (gpu.txt, build.log, build_info.json, device_check.log,
 # device_check.json, pytest_gpu.log, ddp_repartition.log, memcheck.log); each step appends
 #   [step NAME] rc=N wall=Ss cap=Cs
-# to its own log (the wheels, build and build_info lines go to build.log; build_info.json stays
+# to its own log (the wheels, imports, build and build_info lines go to build.log; build_info.json stays
 # JSON). rc: 124 = hit its cap (137: killed 5 s later), 99 = compute-sanitizer found an error,
 # 127 = command not found, "skipped" = too little time left; else the command's own status.
 # device_check.json is rewritten after each of its sections, so a capped check keeps its results.
@@ -69,6 +70,10 @@ else
     || { tail -20 "$OUT/build.log"; exit 1; }
   export PYTHONPATH=/tmp/site
 fi
+# anndata is needed by everything after the build, scvi-tools only by the side-by-side timing
+# (which falls back to the scipy path without it): a missing module is named here, and the run goes on.
+run_step imports "$OUT/build.log" 40 $(( MIN_BUILD + AFTER_BUILD )) \
+  python3 -c "import anndata, scvi; print('anndata', anndata.__version__, 'scvi-tools', scvi.__version__)"
 : > "$OUT/gpu.txt"
 run_step nvidia-smi "$OUT/gpu.txt" 20 $(( MIN_BUILD + AFTER_BUILD )) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 cat "$OUT/gpu.txt"

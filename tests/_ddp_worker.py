@@ -153,7 +153,10 @@ def run_lightning(args, world: int, rank: int) -> dict:
             "sampler_epoch": int(getattr(sampler, "epoch", -1)),
             "len": len(model.loader),
             "epochs": model.seen,
-            "warnings": [f"{w.category.__name__}: {w.message}" for w in caught],
+            "warnings": [{"text": f"{w.category.__name__}: {w.message}",
+                          "deprecation": issubclass(w.category, (DeprecationWarning, FutureWarning)),
+                          "ours": "annloader_gpu" in os.path.normpath(w.filename).split(os.sep)}
+                         for w in caught],
         })
     return out
 

@@ -73,7 +73,7 @@ fi
 # anndata is needed by everything after the build, scvi-tools only by the side-by-side timing
 # (which falls back to the scipy path without it): a missing module is named here, and the run goes on.
 run_step imports "$OUT/build.log" 40 $(( MIN_BUILD + AFTER_BUILD )) \
-  python3 -c "import anndata, scvi; print('anndata', anndata.__version__, 'scvi-tools', scvi.__version__)"
+  python3 -c "import anndata, scvi; from importlib.metadata import version as v; print('anndata', v('anndata'), 'scvi-tools', v('scvi-tools'))"
 : > "$OUT/gpu.txt"
 run_step nvidia-smi "$OUT/gpu.txt" 20 $(( MIN_BUILD + AFTER_BUILD )) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 cat "$OUT/gpu.txt"

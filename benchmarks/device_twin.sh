@@ -25,7 +25,7 @@ rm -rf "$TWIN/site"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$TWIN/site" \
   "$REPO"/.whl/*.whl
 export PYTHONPATH=$TWIN/site
-python3 -c "import anndata, scvi; print('device_twin: anndata', anndata.__version__, 'scvi-tools', scvi.__version__)"
+python3 -c "import anndata, scvi; from importlib.metadata import version as v; print('device_twin: anndata', v('anndata'), 'scvi-tools', v('scvi-tools'))"
 cd "$REPO"
 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip install -q --no-build-isolation --no-deps \
   -Ccmake.define.ANNLOADER_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 -Cbuild-dir="$TWIN/build" .

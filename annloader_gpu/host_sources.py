@@ -109,10 +109,18 @@ def _check_compressed(indptr: np.ndarray, indices: np.ndarray, n_major: int, n_m
 
 
 def _scipy_slice_index_dtype(matrix: Any) -> np.dtype:
-    """The index dtype scipy gives a row slice of matrix (what scvi-tools' sparse tensors carry)."""
+    """The index dtype scipy gives a row slice of matrix (what scvi-tools' sparse tensors carry).
+
+    Where this scipy cannot slice the matrix at all (scipy 1.10 refuses an int64 indptr next to
+    int32 indices), the dtype a newer scipy gives such a slice: int32 unless the sizes need int64.
+    """
     if matrix.shape[0] == 0:
         return np.dtype(np.int32)
-    probe = matrix[np.array([0])]
+    try:
+        probe = matrix[np.array([0])]
+    except ValueError:
+        wide = max(int(matrix.nnz), int(matrix.shape[1])) > np.iinfo(np.int32).max
+        return np.dtype(np.int64 if wide else np.int32)
     return np.dtype(probe.indptr.dtype)
 
 

@@ -641,3 +641,20 @@ def test_the_storage_cache_never_keeps_a_source_alive(kind):
     del first, second, registry, adata
     gc.collect()
     assert source() is None
+
+
+class _UnsliceableCsr:
+    """A CSR matrix that this scipy cannot row-slice (scipy 1.10 with int64 indptr + int32 indices)."""
+
+    def __init__(self, n_rows: int, n_cols: int, nnz: int):
+        self.shape, self.nnz = (n_rows, n_cols), nnz
+
+    def __getitem__(self, rows):
+        raise ValueError("Output dtype not compatible with inputs.")
+
+
+@pytest.mark.parametrize("n_cols,nnz,expected", [(30, 100, np.int32), (2**31, 100, np.int64),
+                                                 (30, 2**31, np.int64)])
+def test_slice_index_dtype_where_scipy_cannot_slice(n_cols, nnz, expected):
+    """The batch index dtype a newer scipy would give: int32 unless the sizes need int64."""
+    assert host_sources._scipy_slice_index_dtype(_UnsliceableCsr(5, n_cols, nnz)) == np.dtype(expected)

@@ -273,6 +273,21 @@ def empty_poisoned(shape, dtype: str | torch.dtype, device: str | torch.device =
     return poison(torch.empty(shape, dtype=dtype, device=device))
 
 
+_SIGNED_OF_UNSIGNED = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
+
+def as_signed(tensor: torch.Tensor) -> torch.Tensor:
+    """uint16/32/64 viewed as the signed type of their width (the same bits), for the ops that
+    older torch lacks for them (indexing, equality: torch 2.6 has neither on the CPU); else tensor."""
+    signed = _SIGNED_OF_UNSIGNED.get(tensor.dtype)
+    return tensor.view(signed) if signed is not None else tensor
+
+
+def take_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """tensor[rows] for every dtype, unsigned ones included on older torch."""
+    return as_signed(tensor)[rows].view(tensor.dtype)
+
+
 def assert_identical(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Exact equality, bit for bit for floats (NaN included), with dtype and shape checked."""
     actual = actual.detach().cpu()
@@ -283,7 +298,7 @@ def assert_identical(actual: torch.Tensor, expected: torch.Tensor) -> None:
         width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
         a, e = actual.contiguous().view(width), expected.contiguous().view(width)
     else:
-        a, e = actual, expected
+        a, e = as_signed(actual), as_signed(expected)
     if not torch.equal(a, e):
         diff = (a != e).nonzero()
         first = tuple(diff[0].tolist())

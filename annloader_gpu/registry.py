@@ -397,11 +397,9 @@ def _validated_x(adata: AnnData, layer: str | None) -> Any:
                 f"adata.layers {named_layers(adata)}, or set adata.X."
             )
         return _validated_matrix(adata.X, "adata.X", adata.n_obs)
-    if layer not in named_layers(adata):
-        raise ValueError(
-            f"layer {layer!r} not found in adata.layers; "
-            f"available layers: {named_layers(adata)}."
-        )
+    layers = named_layers(adata)
+    if layer not in layers:
+        raise ValueError(f"layer {layer!r} not found in adata.layers; available layers: {layers}.")
     return _validated_matrix(adata.layers[layer], f"adata.layers[{layer!r}]", adata.n_obs)
 
 
